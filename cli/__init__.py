@@ -1,0 +1,2 @@
+"""The ``minilora`` command line (installed as ``minilora.cli``). Commands parse, do I/O and print;
+the work is done by ``minilora.*`` functions."""

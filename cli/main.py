@@ -1,0 +1,44 @@
+"""The ``minilora`` click group and the one place where user errors become exit codes.
+
+Exit codes: 0 ok, 1 a check failed, 2 usage or input error (one line on stderr, no traceback).
+"""
+import sys
+
+import click
+
+from minilora import __version__
+from minilora.errors import InputError
+
+
+class Group(click.Group):
+    """A click group that turns user errors into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except InputError as e:
+            _fail(str(e))
+        except OSError as e:
+            # A missing file, a full disk, a permission problem: say which file, no traceback.
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            _fail(f"{where}{e.strerror or e}")
+        except KeyboardInterrupt:
+            _fail("interrupted; no output was written", code=130)
+
+
+def _fail(message, code=2):
+    click.echo(f"minilora: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="minilora")
+def cli():
+    """minilora: LoRA / QLoRA merge, quantise and check tools with a NumPy reference.
+
+    Shape legend: M tokens, K in_features, N out_features, R rank; W (N, K), A (R, K), B (N, R).
+    """
+
+
+def main():
+    cli(prog_name="minilora")

@@ -1,0 +1,40 @@
+"""The package installs, imports without torch, builds its cffi extension and exposes the CLI."""
+import subprocess
+import sys
+
+import numpy as np
+from click.testing import CliRunner
+
+import minilora
+from minilora.cli.main import cli
+
+
+def test_import_does_not_pull_torch():
+    code = "import sys, minilora, minilora.lora, minilora.checkpoint; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_native_extension_smoke():
+    from minilora._native import ffi, lib
+
+    x = np.arange(5, dtype=np.float32)
+    y = np.ones(5, dtype=np.float32)
+    status = lib.minilora_saxpy(5, 2.0, ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y))
+    assert status == 0
+    np.testing.assert_array_equal(y, 2 * np.arange(5, dtype=np.float32) + 1)
+    assert lib.minilora_saxpy(-1, 2.0, ffi.NULL, ffi.NULL) != 0
+
+
+def test_cli_version_and_module_entry():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and minilora.__version__ in result.output
+    out = subprocess.run([sys.executable, "-m", "minilora", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "Usage" in out.stdout
+
+
+def test_no_toplevel_cli_module_installed():
+    import importlib.util
+
+    spec = importlib.util.find_spec("cli")
+    assert spec is None, f"a generic top-level 'cli' module is importable from {spec.origin}"

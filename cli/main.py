@@ -40,5 +40,16 @@ def cli():
     """
 
 
+def _register():
+    from .inspect_cmd import inspect
+    from .merge import merge, unmerge
+
+    for command in (merge, unmerge, inspect):
+        cli.add_command(command)
+
+
+_register()
+
+
 def main():
     cli(prog_name="minilora")

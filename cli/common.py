@@ -1,0 +1,19 @@
+"""Shared CLI pieces: the --json / --quiet options and printing a report."""
+import json
+
+import click
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+force_option = click.option("--force", is_flag=True, help="Replace an existing output.")
+
+
+def print_json(report):
+    click.echo(json.dumps(report, indent=2, default=str))
+
+
+def human_bytes(n):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000

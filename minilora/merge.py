@@ -1,0 +1,227 @@
+"""Streaming merge and unmerge of LoRA adapters into a checkpoint, shard by shard, tensor by tensor.
+
+``W' = round_to_dtype(float32(W) + s·B A)`` per adapted tensor (``minilora.lora.merge_weight``; DoRA:
+``minilora.dora``); several adapters are applied one after another, each rounded to the dtype, as
+PEFT's ``merge(adapter_names=[...])`` does. Every other tensor is copied byte for byte. Peak memory is
+O(largest tensor): one tensor is read, merged and written at a time. Outputs appear atomically: a
+file through a temporary file and rename, a folder through a temporary folder and rename.
+
+Not here: the math (``minilora.lora``, ``minilora.dora``), key strings (``minilora.checkpoint``),
+printing (``cli/``).
+"""
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from minilora import dora, lora
+from minilora.checkpoint import INDEX_NAME, Checkpoint, load_adapter, write_json
+from minilora.errors import InputError
+from minilora.progress import Progress
+from minilora.safetensors_io import SafetensorsWriter
+
+def output_dtype(name):
+    """``"bf16"`` / ``"bfloat16"`` / ``"fp16"`` / ... → a NumPy dtype, or None for "keep"."""
+    import ml_dtypes
+
+    table = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
+             "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16}
+    if name is None:
+        return None
+    if name not in table:
+        raise InputError(f"--dtype must be one of {', '.join(table)}, got {name!r}")
+    return np.dtype(table[name])
+
+
+@dataclass
+class Patch:
+    """One adapter's change to one base tensor."""
+    adapter: str        # adapter file
+    module: object      # checkpoint.LoraModule
+    s: float            # effective scale: alpha/r (or alpha/√r) × user scale
+    fan_in_fan_out: bool
+    role: str           # "weight" or "bias"
+
+    def apply(self, W, sign):
+        m, ffio = self.module, self.fan_in_fan_out or self.module.kind == "embedding"
+        if self.role == "bias":
+            delta = (np.float32(self.s) * m.bias.astype(np.float32)) * np.float32(sign)
+            return (W.astype(np.float32) + delta).astype(W.dtype), None
+        if m.magnitude is not None:  # plan_patches refuses DoRA unmerge
+            return dora.dora_merge_weight(W, m.A, m.B, self.s, m.magnitude, ffio)
+        fn = lora.merge_weight if sign > 0 else lora.unmerge_weight
+        return fn(W, m.A, m.B, self.s, ffio), None
+
+
+def _is_float(dtype):
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
+
+
+def plan_patches(ckpt, adapters, scale=1.0, sign=+1):
+    """Map base tensor name → [Patch, ...] and check every adapter fits the base, before any I/O."""
+    patches, full = {}, {}
+    for adapter in adapters:
+        cfg = adapter.config
+        for name, m in adapter.modules.items():
+            key = f"{name}.weight"
+            if key not in ckpt:
+                raise InputError(f"adapter module {name} has no tensor {key} in the base checkpoint "
+                                 f"{ckpt.path} (an adapter for a different model?)", adapter.path, name)
+            dtype, shape, _ = ckpt.info(key)
+            if not _is_float(dtype):
+                raise InputError(f"base tensor {key} is {dtype}, not a float weight (a quantised "
+                                 f"base needs dequantising first)", ckpt.path, key)
+            r, alpha = lora.module_rank_alpha(name, cfg.get("r", 8), cfg.get("lora_alpha", 8),
+                                              cfg.get("rank_pattern"), cfg.get("alpha_pattern"))
+            if m.A.shape[0] != r:
+                raise InputError(f"lora_A has rank {m.A.shape[0]} but the config gives r={r}",
+                                 adapter.path, name)
+            ffio = bool(cfg.get("fan_in_fan_out")) or m.kind == "embedding"
+            try:
+                N, _, _ = lora.check_lora_shapes(np.empty(shape, dtype=np.uint8), m.A, m.B, ffio)
+            except ValueError as e:
+                raise InputError(f"does not fit base tensor {key}: {e}", adapter.path, name) from None
+            if m.magnitude is not None and sign < 0:
+                raise InputError("DoRA cannot be unmerged from a merged checkpoint: W' = (m/n)(W + ΔW) "
+                                 "needs the per-row norm n of merge time", adapter.path, name)
+            if m.magnitude is not None and m.magnitude.shape != (N,):
+                raise InputError(f"DoRA magnitude {m.magnitude.shape} does not fit ({N},)", adapter.path, name)
+            s = lora.scaling(alpha, r, bool(cfg.get("use_rslora"))) * scale
+            patches.setdefault(key, []).append(Patch(adapter.path, m, s, ffio, "weight"))
+            if m.bias is not None:
+                if f"{name}.bias" not in ckpt:
+                    raise InputError(f"adapter trains a bias but the base has no {name}.bias", adapter.path, name)
+                patches.setdefault(f"{name}.bias", []).append(Patch(adapter.path, m, s, ffio, "bias"))
+        for key, value in adapter.full_tensors.items():
+            if key not in ckpt or ckpt.info(key)[1] != value.shape:
+                raise InputError(f"modules_to_save tensor {value.shape} has no matching base tensor",
+                                 adapter.path, key)
+            full[key] = value
+    return patches, full
+
+
+def _check_output(out, inputs, force):
+    real = os.path.realpath(out)
+    for path in inputs:
+        p = os.path.realpath(path)
+        if real == p or p.startswith(real + os.sep):
+            raise InputError(f"output would overwrite or contain the input {path}", out)
+    if os.path.exists(out) and not force:
+        raise InputError("output exists; pass --force to replace it", out)
+
+
+def _layout(ckpt, out):
+    """(single file output?, shard file names in output) — shards are written like the input."""
+    if ckpt.folder is None and out.endswith(".safetensors"):
+        return True, [os.path.basename(out)]
+    return False, list(ckpt.readers)
+
+
+def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, quiet=True, sign=+1):
+    """Merge (``sign=+1``) or unmerge (``sign=-1``) adapters into ``base``; write ``out``; return a
+    report dict. ``base``: file or model folder; ``adapters``: paths of PEFT adapters."""
+    t0 = time.perf_counter()
+    out = os.path.abspath(str(out))
+    _check_output(out, [base, *adapters], force)
+    adapters = [load_adapter(a) for a in adapters]
+    target = output_dtype(dtype)
+    with Checkpoint(base) as ckpt:
+        patches, full = plan_patches(ckpt, adapters, scale, sign)
+        single, shard_names = _layout(ckpt, out)
+        parent = os.path.dirname(out)
+        os.makedirs(parent, exist_ok=True)
+        stage = out if single else tempfile.mkdtemp(prefix=".minilora-", dir=parent)
+        try:
+            rows = _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign)
+            if not single:
+                _copy_extras(ckpt, stage, rows)
+                _publish_folder(stage, out)
+        except BaseException:
+            if not single:
+                shutil.rmtree(stage, ignore_errors=True)
+            raise
+    seconds = time.perf_counter() - t0
+    nbytes = sum(r["bytes"] for r in rows)
+    return {"base": os.path.abspath(str(base)), "adapters": [a.path for a in adapters], "output": out,
+            "operation": "merge" if sign > 0 else "unmerge", "tensors": rows,
+            "totals": {"tensors": len(rows), "changed": sum(1 for r in rows if r["adapters"]),
+                       "bytes": nbytes, "seconds": round(seconds, 3),
+                       "mb_per_s": round(nbytes / max(seconds, 1e-9) / 1e6, 1)}}
+
+
+def _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign):
+    rows = []
+    total = sum(ckpt.info(k)[2] for k in ckpt.keys())
+    with Progress(total, "merge" if sign > 0 else "unmerge", enabled=not quiet) as progress:
+        for shard, reader in zip(shard_names, ckpt.readers.values()):
+            names = reader.keys()
+            out_dtype = {n: target if target is not None and _is_float(reader.info(n)[0])
+                         else reader.info(n)[0] for n in names}
+            entries = [(n, out_dtype[n], reader.info(n)[1]) for n in names]
+            path = stage if single else os.path.join(stage, shard)
+            with SafetensorsWriter(path, entries, reader.metadata) as writer:
+                for name in names:
+                    row = _process(reader, name, patches.get(name, []), full.get(name), out_dtype[name], sign)
+                    writer.write(name, **row.pop("_data"))
+                    rows.append(row)
+                    progress.update(row["bytes"], name)
+    return rows
+
+
+def _process(reader, name, patches, replacement, out_dtype, sign):
+    dtype, shape, nbytes = reader.info(name)
+    row = {"name": name, "dtype": str(np.dtype(out_dtype)), "shape": list(shape), "bytes": nbytes,
+           "adapters": [p.adapter for p in patches], "scale": [p.s for p in patches]}
+    if not patches and replacement is None and out_dtype == dtype:
+        row["_data"] = {"raw": reader.get_bytes(name)}   # byte-identical copy
+        return row
+    W = reader.get(name)
+    if replacement is not None:
+        W = replacement
+    W0 = W = W.astype(out_dtype) if _is_float(W.dtype) else W
+    norms = []
+    for p in patches if sign > 0 else reversed(patches):
+        try:
+            W, n = p.apply(W, sign)
+        except ValueError as e:
+            raise InputError(str(e), reader.path, name) from None
+        norms.append(n)
+    if patches:
+        diff = np.abs(W.astype(np.float64) - W0.astype(np.float64))
+        row["max_abs_delta"] = float(diff.max()) if diff.size else 0.0
+        if sign < 0:  # honest round trip: merging the result again, how far from the input are we?
+            again = W
+            for p in patches:
+                again, _ = p.apply(again, +1)
+            bits = f"u{W0.dtype.itemsize}"
+            same = again.view(bits) == W0.view(bits)
+            row["roundtrip_max_abs_error"] = float(np.abs(again.astype(np.float64) - W0.astype(np.float64)).max())
+            row["roundtrip_bit_exact_fraction"] = float(same.mean()) if same.size else 1.0
+    row["_data"] = {"array": W}
+    return row
+
+
+def _copy_extras(ckpt, stage, rows):
+    for name in ckpt.extra_files():
+        shutil.copy2(os.path.join(ckpt.folder, name), os.path.join(stage, name))
+    if ckpt.index is not None:
+        weight_map = {r["name"]: ckpt.shard_of[r["name"]] for r in rows}
+        total = sum(r["bytes"] if r["dtype"] == str(ckpt.info(r["name"])[0]) else
+                    int(np.prod(r["shape"])) * np.dtype(r["dtype"]).itemsize for r in rows)
+        write_json(os.path.join(stage, INDEX_NAME), {"metadata": {"total_size": total},
+                                                     "weight_map": weight_map})
+
+
+def _publish_folder(stage, out):
+    """Rename the finished temporary folder into place; an old output (``--force``) goes last."""
+    os.chmod(stage, 0o755)  # mkdtemp makes it private; an output folder is an ordinary folder
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=".minilora-old-", dir=os.path.dirname(out))
+        os.rename(out, os.path.join(old, "x"))
+    os.rename(stage, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

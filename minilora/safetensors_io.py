@@ -1,0 +1,243 @@
+"""The safetensors file format, read lazily and written in a stream, with NumPy arrays.
+
+Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length ``L``, ``L``
+bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``,
+then the data buffer; offsets are relative to the buffer and tensors are row-major, little-endian.
+
+Why our own reader and writer rather than ``safetensors.numpy``: peak memory must be O(largest tensor),
+so tensors are read one at a time with ``readinto`` and written one at a time after a header computed
+up front; bfloat16 comes through as ``ml_dtypes.bfloat16``; and every lie a header can tell (offsets
+past the end of a truncated file, overlapping or missing bytes, a size that disagrees with the shape,
+an unknown dtype) becomes one ``InputError`` naming the file and tensor. The tests check both
+directions against the ``safetensors`` package. Nothing here unpickles anything.
+"""
+import json
+import os
+import struct
+import tempfile
+
+import ml_dtypes
+import numpy as np
+
+from minilora.errors import InputError
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32), "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+NAMES = {dt: name for name, dt in DTYPES.items()}
+MAX_HEADER = 100 * 2**20  # the safetensors package's own limit
+
+
+def dtype_name(dtype):
+    """The safetensors name of a NumPy dtype (``float32`` → ``"F32"``)."""
+    try:
+        return NAMES[np.dtype(dtype)]
+    except KeyError:
+        raise InputError(f"dtype {np.dtype(dtype)} has no safetensors equivalent") from None
+
+
+class SafetensorsReader:
+    """Lazy reader: parses and validates the header, reads one tensor per ``get``.
+
+    >>> # with SafetensorsReader("model.safetensors") as f: W = f.get("lm_head.weight")
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        self._file = open(self.path, "rb")
+        try:
+            self._parse_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _parse_header(self):
+        size = os.fstat(self._file.fileno()).st_size
+        if size < 8:
+            raise InputError(f"not a safetensors file: {size} bytes, shorter than the 8-byte header length",
+                             self.path)
+        (n,) = struct.unpack("<Q", self._file.read(8))
+        if n > MAX_HEADER or 8 + n > size:
+            raise InputError(f"header length {n} does not fit in a file of {size} bytes "
+                             f"(truncated or not safetensors)", self.path)
+        try:
+            header = json.loads(self._file.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"header is not valid JSON ({e})", self.path) from None
+        if not isinstance(header, dict):
+            raise InputError("header is not a JSON object", self.path)
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self._entries = {}
+        spans = []
+        for name, e in header.items():
+            self._entries[name] = self._check_entry(name, e, size)
+            spans.append(tuple(e["data_offsets"]) + (name,))
+        # Offsets must tile the buffer exactly: no overlap, no hole, nothing after the last tensor.
+        end = 0
+        for begin, stop, name in sorted(spans):
+            if begin != end:
+                what = "overlaps the previous tensor" if begin < end else f"leaves a hole at byte {end}"
+                raise InputError(f"data_offsets [{begin}, {stop}] {what}", self.path, name)
+            end = stop
+        if self.data_start + end != size:
+            raise InputError(f"file has {size - self.data_start - end} bytes past the last tensor "
+                             f"(the header does not describe the whole file)", self.path)
+
+    def _check_entry(self, name, e, size):
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+            raise InputError("header entry lacks dtype / shape / data_offsets", self.path, name)
+        if e["dtype"] not in DTYPES:
+            raise InputError(f"unknown dtype {e['dtype']!r} (known: {', '.join(DTYPES)})", self.path, name)
+        shape, offsets = e["shape"], e["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise InputError(f"shape {shape!r} is not a list of non-negative integers", self.path, name)
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise InputError(f"data_offsets {offsets!r} are not [begin, end] with begin <= end",
+                             self.path, name)
+        dtype = DTYPES[e["dtype"]]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise InputError(f"header says {offsets[1] - offsets[0]} bytes but shape {shape} of "
+                             f"{e['dtype']} needs {nbytes}", self.path, name)
+        if self.data_start + offsets[1] > size:
+            raise InputError(f"file is truncated: the tensor ends at byte {self.data_start + offsets[1]} "
+                             f"but the file has {size} bytes", self.path, name)
+        return dtype, tuple(shape), offsets[0], offsets[1]
+
+    def keys(self):
+        """Tensor names in file order (the order of the data buffer)."""
+        return sorted(self._entries, key=lambda k: self._entries[k][2])
+
+    def __contains__(self, name):
+        return name in self._entries
+
+    def info(self, name):
+        """``(dtype, shape, nbytes)`` of a tensor, without reading it."""
+        dtype, shape, begin, end = self._entry(name)
+        return dtype, shape, end - begin
+
+    def _entry(self, name):
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise InputError("no such tensor in this file", self.path, name) from None
+
+    def get_bytes(self, name):
+        """The raw little-endian bytes of a tensor (for byte-identical copies)."""
+        _, _, begin, end = self._entry(name)
+        self._file.seek(self.data_start + begin)
+        data = self._file.read(end - begin)
+        if len(data) != end - begin:
+            raise InputError("file shrank while reading (truncated)", self.path, name)
+        return data
+
+    def get(self, name):
+        """A fresh (writable, owned) array of the tensor; the file is never modified."""
+        dtype, shape, begin, end = self._entry(name)
+        out = np.empty(shape, dtype=dtype.newbyteorder("<"))
+        self._file.seek(self.data_start + begin)
+        if self._file.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - begin:
+            raise InputError("file shrank while reading (truncated)", self.path, name)
+        return out.astype(dtype, copy=False)
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _header_bytes(entries, metadata):
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, dtype, shape in entries:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": dtype_name(dtype), "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # pad so the data buffer starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class SafetensorsWriter:
+    """Streaming writer: the header is fixed up front from ``entries = [(name, dtype, shape), ...]``,
+    then tensors are written one at a time in that order. Data goes to a temporary file in the
+    destination folder, renamed into place by ``close()``; an exception inside ``with`` removes it.
+    """
+
+    def __init__(self, path, entries, metadata=None):
+        self.path = str(path)
+        self._entries = [(n, np.dtype(d), tuple(s)) for n, d, s in entries]
+        if len({n for n, _, _ in self._entries}) != len(self._entries):
+            raise InputError("duplicate tensor names in the output", self.path)
+        self._next = 0
+        folder = os.path.dirname(os.path.abspath(self.path))
+        fd, self._tmp = tempfile.mkstemp(prefix=".minilora-", suffix=".partial", dir=folder)
+        self._file = os.fdopen(fd, "wb")
+        self._file.write(_header_bytes(self._entries, metadata))
+
+    def write(self, name, array=None, raw=None):
+        """Write the next tensor, from an array (cast-free: dtype and shape must match) or raw bytes."""
+        want_name, dtype, shape = self._entries[self._next]
+        if name != want_name:
+            raise ValueError(f"tensors must be written in header order: expected {want_name!r}, got {name!r}")
+        if raw is None:
+            array = np.asarray(array)
+            if array.dtype != dtype or array.shape != shape:
+                raise ValueError(f"{name}: declared {dtype} {shape}, got {array.dtype} {array.shape}")
+            raw = np.ascontiguousarray(array).astype(dtype.newbyteorder("<"), copy=False).tobytes()
+        elif len(raw) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise ValueError(f"{name}: raw data has {len(raw)} bytes, declared {dtype} {shape}")
+        self._file.write(raw)
+        self._next += 1
+
+    def close(self):
+        if self._next != len(self._entries):
+            self.abort()
+            raise ValueError(f"{self.path}: only {self._next} of {len(self._entries)} tensors written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.chmod(self._tmp, 0o644)
+        os.replace(self._tmp, self.path)
+
+    def abort(self):
+        if not self._file.closed:
+            self._file.close()
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def save_file(tensors, path, metadata=None):
+    """Write a dict of arrays to one safetensors file, atomically (for small outputs: adapters)."""
+    entries = [(n, np.asarray(a).dtype, np.shape(a)) for n, a in tensors.items()]
+    with SafetensorsWriter(path, entries, metadata) as w:
+        for name, array in tensors.items():
+            w.write(name, array)
+
+
+def load_file(path):
+    """Read every tensor of a (small) safetensors file into a dict of arrays."""
+    with SafetensorsReader(path) as f:
+        return {name: f.get(name) for name in f.keys()}

@@ -1,0 +1,124 @@
+"""The safetensors reader / writer: round trips against the ``safetensors`` package, and every lie a
+header can tell becomes one InputError naming the file and tensor."""
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file as st_save
+
+from minilora.errors import InputError
+from minilora.safetensors_io import SafetensorsReader, SafetensorsWriter, load_file, save_file
+
+DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16, np.float64, np.int64, np.int32, np.int8,
+          np.uint8, np.bool_, np.uint16]
+
+
+def _sample(rng):
+    out = {}
+    for i, dt in enumerate(DTYPES):
+        shape = [(3, 5), (7,), (2, 3, 4), (0, 4), (1,)][i % 5]
+        out[f"t{i}.{np.dtype(dt).name}"] = (rng.normal(size=shape) * 100).astype(dt)
+    return out
+
+
+def _bits(a):
+    return a.view(f"u{a.dtype.itemsize}") if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a
+
+
+def test_round_trip_both_directions_with_the_safetensors_package(tmp_path):
+    ref = _sample(np.random.default_rng(0))
+    ours = tmp_path / "ours.safetensors"
+    save_file(ref, ours, metadata={"format": "pt"})
+    # The reference package reads ours (through torch: safetensors.numpy has no bfloat16) ...
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(ours), framework="pt") as f:
+        for name, a in ref.items():
+            t = f.get_tensor(name)
+            got = t.view(torch.int16).numpy() if a.dtype.name == "bfloat16" else t.numpy()
+            np.testing.assert_array_equal(_bits(got), _bits(a).view(_bits(got).dtype))
+        assert f.metadata() == {"format": "pt"}
+    # ... and we read theirs.
+    plain = {k: v for k, v in ref.items() if v.dtype.name != "bfloat16"}
+    st_save(plain, str(tmp_path / "theirs.safetensors"))
+    back = load_file(tmp_path / "theirs.safetensors")
+    assert back.keys() == plain.keys()
+    for name, a in plain.items():
+        assert back[name].dtype == a.dtype
+        np.testing.assert_array_equal(_bits(back[name]), _bits(a))
+    for name, a in load_file(ours).items():
+        assert a.dtype == ref[name].dtype and a.shape == ref[name].shape
+        np.testing.assert_array_equal(_bits(a), _bits(ref[name]))
+
+
+def test_streaming_writer_is_atomic_and_ordered(tmp_path):
+    path = tmp_path / "out.safetensors"
+    entries = [("a", np.float32, (2,)), ("b", np.float32, (3,))]
+    with pytest.raises(RuntimeError):
+        with SafetensorsWriter(path, entries) as w:
+            w.write("a", np.zeros(2, np.float32))
+            raise RuntimeError("crash mid-write")
+    assert os.listdir(tmp_path) == []          # no partial output, no temporary left behind
+    w = SafetensorsWriter(path, entries)
+    with pytest.raises(ValueError, match="header order"):
+        w.write("b", np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="declared"):
+        w.write("a", np.zeros(3, np.float32))
+    w.write("a", np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="only 1 of 2"):
+        w.close()
+    assert os.listdir(tmp_path) == []
+
+
+def _write_raw(path, header, data=b""):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("case, header, data, message", [
+    ("truncated", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "truncated"),
+    ("size lie", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, b"\0" * 12, "needs 16"),
+    ("unknown dtype", {"w": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 4]}}, b"\0" * 4, "unknown dtype"),
+    ("overlap", {"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+                 "b": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]}}, b"\0" * 6, "overlaps"),
+    ("hole", {"a": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]}}, b"\0" * 4, "hole"),
+    ("trailing", {"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}, b"\0" * 5, "past the last"),
+    ("bad shape", {"a": {"dtype": "U8", "shape": [-2], "data_offsets": [0, 2]}}, b"\0" * 2, "non-negative"),
+])
+def test_lying_headers_are_rejected_with_file_and_tensor(tmp_path, case, header, data, message):
+    path = _write_raw(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(InputError, match=message) as e:
+        SafetensorsReader(path)
+    assert str(path) in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_not_safetensors_at_all(tmp_path):
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(b"\x01\x02")
+    with pytest.raises(InputError, match="shorter than"):
+        SafetensorsReader(short)
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    with pytest.raises(InputError, match="does not fit"):
+        SafetensorsReader(huge)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(struct.pack("<Q", 4) + b"{{{{")
+    with pytest.raises(InputError, match="not valid JSON"):
+        SafetensorsReader(garbage)
+
+
+def test_reading_never_modifies_the_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, path)
+    before = path.read_bytes()
+    with SafetensorsReader(path) as f:
+        w = f.get("w")
+        w += 1                                   # the array is ours, not a view of the file
+        assert f.get_bytes("w") == np.arange(6, dtype=np.float32).tobytes()
+    assert path.read_bytes() == before

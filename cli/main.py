@@ -11,11 +11,16 @@ from minilora.errors import InputError
 
 
 class Group(click.Group):
-    """A click group that turns user errors into one line on stderr and exit code 2."""
+    """A click group whose errors are one line on stderr: 2 for usage or input errors."""
 
-    def invoke(self, ctx):
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
         try:
-            return super().invoke(ctx)
+            rv = super().main(*args, **kwargs)
+        except click.ClickException as e:       # usage errors: bad option, missing argument
+            _fail(e.format_message(), e.exit_code)
+        except click.exceptions.Abort:
+            _fail("aborted", 130)
         except InputError as e:
             _fail(str(e))
         except OSError as e:
@@ -24,6 +29,9 @@ class Group(click.Group):
             _fail(f"{where}{e.strerror or e}")
         except KeyboardInterrupt:
             _fail("interrupted; no output was written", code=130)
+        if isinstance(rv, int) and rv:          # ctx.exit(1): a check failed
+            sys.exit(rv)
+        return rv
 
 
 def _fail(message, code=2):
@@ -43,8 +51,9 @@ def cli():
 def _register():
     from .inspect_cmd import inspect
     from .merge import merge, unmerge
+    from .quantize import dequantize, quantize
 
-    for command in (merge, unmerge, inspect):
+    for command in (merge, unmerge, quantize, dequantize, inspect):
         cli.add_command(command)
 
 

@@ -11,7 +11,6 @@ printing (``cli/``).
 """
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import numpy as np
 from minilora import dora, lora
 from minilora.checkpoint import INDEX_NAME, Checkpoint, load_adapter, write_json
 from minilora.errors import InputError
+from minilora.output import check_output, staged_folder
 from minilora.progress import Progress
 from minilora.safetensors_io import SafetensorsWriter
 
@@ -103,16 +103,6 @@ def plan_patches(ckpt, adapters, scale=1.0, sign=+1):
     return patches, full
 
 
-def _check_output(out, inputs, force):
-    real = os.path.realpath(out)
-    for path in inputs:
-        p = os.path.realpath(path)
-        if real == p or p.startswith(real + os.sep):
-            raise InputError(f"output would overwrite or contain the input {path}", out)
-    if os.path.exists(out) and not force:
-        raise InputError("output exists; pass --force to replace it", out)
-
-
 def _layout(ckpt, out):
     """(single file output?, shard file names in output) — shards are written like the input."""
     if ckpt.folder is None and out.endswith(".safetensors"):
@@ -125,24 +115,18 @@ def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, qu
     report dict. ``base``: file or model folder; ``adapters``: paths of PEFT adapters."""
     t0 = time.perf_counter()
     out = os.path.abspath(str(out))
-    _check_output(out, [base, *adapters], force)
+    check_output(out, [base, *adapters], force)
     adapters = [load_adapter(a) for a in adapters]
     target = output_dtype(dtype)
     with Checkpoint(base) as ckpt:
         patches, full = plan_patches(ckpt, adapters, scale, sign)
         single, shard_names = _layout(ckpt, out)
-        parent = os.path.dirname(out)
-        os.makedirs(parent, exist_ok=True)
-        stage = out if single else tempfile.mkdtemp(prefix=".minilora-", dir=parent)
-        try:
-            rows = _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign)
-            if not single:
+        if single:
+            rows = _write_shards(ckpt, patches, full, target, out, single, shard_names, quiet, sign)
+        else:
+            with staged_folder(out) as stage:
+                rows = _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign)
                 _copy_extras(ckpt, stage, rows)
-                _publish_folder(stage, out)
-        except BaseException:
-            if not single:
-                shutil.rmtree(stage, ignore_errors=True)
-            raise
     seconds = time.perf_counter() - t0
     nbytes = sum(r["bytes"] for r in rows)
     return {"base": os.path.abspath(str(base)), "adapters": [a.path for a in adapters], "output": out,
@@ -213,15 +197,3 @@ def _copy_extras(ckpt, stage, rows):
                     int(np.prod(r["shape"])) * np.dtype(r["dtype"]).itemsize for r in rows)
         write_json(os.path.join(stage, INDEX_NAME), {"metadata": {"total_size": total},
                                                      "weight_map": weight_map})
-
-
-def _publish_folder(stage, out):
-    """Rename the finished temporary folder into place; an old output (``--force``) goes last."""
-    os.chmod(stage, 0o755)  # mkdtemp makes it private; an output folder is an ordinary folder
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=".minilora-old-", dir=os.path.dirname(out))
-        os.rename(out, os.path.join(old, "x"))
-    os.rename(stage, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)

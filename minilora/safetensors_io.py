@@ -229,6 +229,41 @@ class SafetensorsWriter:
             self.abort()
 
 
+class SafetensorsAppender:
+    """Writer for when the shapes are not known up front (quantised outputs): tensors are appended
+    to a temporary data file; ``close()`` writes header + data to a temporary file in the destination
+    folder and renames it into place. Memory stays O(one tensor); the output bytes are copied once."""
+
+    def __init__(self, path, metadata=None):
+        self.path, self.metadata, self._entries = str(path), metadata, []
+        folder = os.path.dirname(os.path.abspath(self.path))
+        self._data = tempfile.TemporaryFile(dir=folder)
+
+    def write(self, name, array):
+        array = np.ascontiguousarray(array)
+        self._entries.append((name, array.dtype, array.shape))
+        self._data.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+
+    def close(self):
+        with SafetensorsWriter(self.path, self._entries, self.metadata) as w:
+            self._data.seek(0)
+            for name, dtype, shape in self._entries:
+                w.write(name, raw=self._data.read(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize))
+        self._data.close()
+
+    def abort(self):
+        self._data.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def save_file(tensors, path, metadata=None):
     """Write a dict of arrays to one safetensors file, atomically (for small outputs: adapters)."""
     entries = [(n, np.asarray(a).dtype, np.shape(a)) for n, a in tensors.items()]

@@ -1,0 +1,126 @@
+"""``minilora quantize`` / ``dequantize`` against checkpoints written by transformers + bitsandbytes
+(tests/data/bnb, made by tests/data/make_bnb_checkpoints.py): same packed codes, same absmax and
+nested statistics, bit-exact dequantisation; and the bad inputs of the on-disk format."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from minilora import nf4
+from minilora.checkpoint import Checkpoint
+from minilora.cli.main import cli
+from minilora.double_quant import double_quantize
+from minilora.nf4_checkpoint import read_state
+from minilora.safetensors_io import load_file, save_file
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "bnb")
+BASE = os.path.join(DATA, "tiny-llama-bf16")
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def bits(a):
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+@pytest.mark.parametrize("name, dq", [("bnb-nf4", False), ("bnb-nf4-dq", True)])
+def test_quantize_matches_bitsandbytes(tmp_path, name, dq):
+    flag = "--double-quant" if dq else "--no-double-quant"
+    code, out, err = run("quantize", BASE, "-o", tmp_path / "q", flag, "--json")
+    assert code == 0, err
+    ours, theirs = load_file(tmp_path / "q" / "model.safetensors"), load_file(os.path.join(DATA, name, "model.safetensors"))
+    assert set(ours) == set(theirs)
+    quantized = [k for k in theirs if k.endswith(".quant_state.bitsandbytes__nf4")]
+    assert len(quantized) == 14
+    for key in theirs:
+        if key.endswith((".quant_state.bitsandbytes__nf4", ".nested_absmax", ".absmax")) and dq:
+            continue                                   # compared below, offset by offset
+        assert ours[key].dtype == theirs[key].dtype and ours[key].shape == theirs[key].shape, key
+        assert bits(ours[key]).tobytes() == bits(theirs[key]).tobytes(), key
+    if dq:
+        with Checkpoint(os.path.join(DATA, name)) as ckpt:
+            for state_key in quantized:
+                weight = state_key.rsplit(".quant_state", 1)[0]
+                bnb_state = read_state(ckpt, weight)
+                # bitsandbytes' offset is torch.mean (thread-dependent last bits); ours is the correctly
+                # rounded mean. With bnb's offset, every nested byte and nested absmax is bnb's.
+                raw_absmax = nf4.quantize_nf4(load_file(os.path.join(BASE, "model.safetensors"))[weight])[1]
+                codes, nested, offset = double_quantize(raw_absmax, offset=bnb_state.offset)
+                assert codes.tobytes() == bnb_state.nested_codes.tobytes(), weight
+                assert bits(nested).tobytes() == bits(bnb_state.nested_absmax).tobytes(), weight
+                our_offset = json.loads(bytes(ours[state_key]).decode())["nested_offset"]
+                assert abs(our_offset - float(bnb_state.offset)) <= 2 * np.spacing(np.float32(our_offset))
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["bnb_4bit_use_double_quant"] is dq and config["bnb_4bit_quant_type"] == "nf4"
+
+
+@pytest.mark.parametrize("name", ["bnb-nf4", "bnb-nf4-dq"])
+def test_dequantize_is_bit_exact_with_bitsandbytes(tmp_path, name):
+    code, _, err = run("dequantize", os.path.join(DATA, name), "-o", tmp_path / "dq")
+    assert code == 0, err
+    ours = load_file(tmp_path / "dq" / "model.safetensors")
+    expected = load_file(os.path.join(DATA, f"{name}-dequantized.safetensors"))
+    for key, ref in expected.items():
+        assert ours[key].dtype == ref.dtype and ours[key].shape == ref.shape
+        assert bits(ours[key]).tobytes() == bits(ref).tobytes(), key
+    base = load_file(os.path.join(BASE, "model.safetensors"))
+    assert set(ours) == set(base)
+    assert "quantization_config" not in json.loads((tmp_path / "dq" / "config.json").read_text())
+
+
+def test_quantize_report_and_round_trip(tmp_path):
+    code, out, _ = run("quantize", BASE, "-o", tmp_path / "q", "--blocksize", "128", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["totals"]["quantized"] == 14
+    rows = [r for r in report["tensors"] if r["quantized"]]
+    assert all(r["bytes_after"] < r["bytes_before"] / 4 + 1400 and 0 < r["rms_error"] <= r["max_abs_error"] for r in rows)
+    assert run("dequantize", tmp_path / "q", "-o", tmp_path / "dq", "--dtype", "float32")[0] == 0
+    base, back = load_file(os.path.join(BASE, "model.safetensors")), load_file(tmp_path / "dq" / "model.safetensors")
+    packed, absmax = nf4.quantize_nf4(base["model.layers.1.mlp.down_proj.weight"], 128)
+    codes, nested, offset = double_quantize(absmax)
+    from minilora.double_quant import dequantize_absmax
+    ref = nf4.dequantize_nf4(packed, dequantize_absmax(codes, nested, offset), (64, 96), np.float32, 128)
+    assert bits(back["model.layers.1.mlp.down_proj.weight"]).tobytes() == bits(ref).tobytes()
+    assert back["model.norm.weight"].dtype == np.float32
+
+
+def test_include_exclude(tmp_path):
+    code, out, _ = run("quantize", BASE, "-o", tmp_path / "q", "--include", "*.mlp.*", "--exclude", "*.layers.0.*", "--json")
+    assert code == 0
+    assert sorted(r["name"] for r in json.loads(out)["tensors"] if r["quantized"]) == [
+        f"model.layers.1.mlp.{p}.weight" for p in ("down_proj", "gate_proj", "up_proj")]
+
+
+def _error(args, message):
+    code, _, err = run(*args)
+    assert code == 2, err
+    assert message in err and err.strip().count("\n") == 0
+
+
+def test_bad_inputs(tmp_path):
+    _error(["quantize", BASE, "-o", tmp_path / "q", "--blocksize", "48"], "48")
+    _error(["quantize", BASE, "-o", tmp_path / "q", "--include", "nothing.*"], "no Linear weights to quantise")
+    _error(["quantize", os.path.join(DATA, "bnb-nf4"), "-o", tmp_path / "q"], "already 4-bit quantised")
+    _error(["dequantize", BASE, "-o", tmp_path / "q"], "has no bitsandbytes 4-bit weights")
+    assert not os.path.exists(tmp_path / "q")
+    # A quant state whose JSON disagrees with the tensor sizes.
+    bad = tmp_path / "bad"
+    shutil.copytree(os.path.join(DATA, "bnb-nf4"), bad)
+    tensors = load_file(bad / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
+    fields = json.loads(bytes(tensors[key]).decode())
+    fields["shape"] = [64, 65]
+    tensors[key] = np.frombuffer(json.dumps(fields).encode(), dtype=np.uint8).copy()
+    save_file(tensors, bad / "model.safetensors")
+    _error(["dequantize", bad, "-o", tmp_path / "o"], "needs 2080 packed bytes")
+    fields["shape"], fields["blocksize"] = [64, 64], 100
+    tensors[key] = np.frombuffer(json.dumps(fields).encode(), dtype=np.uint8).copy()
+    save_file(tensors, bad / "model.safetensors")
+    _error(["dequantize", bad, "-o", tmp_path / "o"], "blocksize 100 is not one of")
+    assert not os.path.exists(tmp_path / "o")

@@ -30,13 +30,16 @@ def _summary(report):
 @click.option("--scale", default=1.0, show_default=True, type=float,
               help="Extra multiplier on every adapter's alpha/r (like llama.cpp --lora-scaled).")
 @click.option("--dtype", type=_DTYPES, default=None, help="Output dtype of float tensors (default: keep).")
+@click.option("--requantize", is_flag=True,
+              help="4-bit base: quantise the merged weights again (lossy; the report says how much of ΔW survived).")
 @force_option
 @json_option
 @quiet_option
-def merge(base, adapters, output, scale, dtype, force, as_json, quiet):
+def merge(base, adapters, output, scale, dtype, requantize, force, as_json, quiet):
     """Merge one or more PEFT LoRA adapters into BASE: W' = W + scale·(alpha/r)·B A, one rounding.
 
-    BASE is a .safetensors file, a sharded checkpoint folder or a model folder; each ADAPTER a PEFT
+    BASE is a .safetensors file, a sharded checkpoint folder or a model folder (also a 4-bit
+    bitsandbytes one: it is dequantised, or re-quantised with --requantize); each ADAPTER a PEFT
     adapter folder or adapter_model.safetensors. Streams tensor by tensor; other tensors are copied
     byte for byte; config and tokenizer files come along.
 
@@ -45,7 +48,7 @@ def merge(base, adapters, output, scale, dtype, force, as_json, quiet):
       minilora merge ./Llama-3.2-1B ./my-adapter -o ./merged
     """
     report = merge_checkpoint(base, list(adapters), output, scale=scale, dtype=dtype, force=force,
-                              quiet=quiet or as_json, sign=+1)
+                              quiet=quiet or as_json, sign=+1, requantize=requantize)
     print_json(report) if as_json else _summary(report)
 
 

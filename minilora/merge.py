@@ -19,6 +19,7 @@ import numpy as np
 from minilora import dora, lora
 from minilora.checkpoint import INDEX_NAME, Checkpoint, load_adapter, write_json
 from minilora.errors import InputError
+from minilora.nf4_checkpoint import quantized_weights
 from minilora.output import check_output, staged_folder
 from minilora.progress import Progress
 from minilora.safetensors_io import SafetensorsWriter
@@ -60,8 +61,10 @@ def _is_float(dtype):
     return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
 
 
-def plan_patches(ckpt, adapters, scale=1.0, sign=+1):
-    """Map base tensor name → [Patch, ...] and check every adapter fits the base, before any I/O."""
+def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None):
+    """Map base tensor name → [Patch, ...] and check every adapter fits the base, before any I/O.
+    ``info(name) → (dtype, shape, nbytes)`` defaults to the file's; an NF4 base passes the logical one."""
+    info = info or ckpt.info
     patches, full = {}, {}
     for adapter in adapters:
         cfg = adapter.config
@@ -70,10 +73,9 @@ def plan_patches(ckpt, adapters, scale=1.0, sign=+1):
             if key not in ckpt:
                 raise InputError(f"adapter module {name} has no tensor {key} in the base checkpoint "
                                  f"{ckpt.path} (an adapter for a different model?)", adapter.path, name)
-            dtype, shape, _ = ckpt.info(key)
+            dtype, shape, _ = info(key)
             if not _is_float(dtype):
-                raise InputError(f"base tensor {key} is {dtype}, not a float weight (a quantised "
-                                 f"base needs dequantising first)", ckpt.path, key)
+                raise InputError(f"base tensor {key} is {dtype}, not a float weight", ckpt.path, key)
             r, alpha = lora.module_rank_alpha(name, cfg.get("r", 8), cfg.get("lora_alpha", 8),
                                               cfg.get("rank_pattern"), cfg.get("alpha_pattern"))
             if m.A.shape[0] != r:
@@ -96,7 +98,7 @@ def plan_patches(ckpt, adapters, scale=1.0, sign=+1):
                     raise InputError(f"adapter trains a bias but the base has no {name}.bias", adapter.path, name)
                 patches.setdefault(f"{name}.bias", []).append(Patch(adapter.path, m, s, ffio, "bias"))
         for key, value in adapter.full_tensors.items():
-            if key not in ckpt or ckpt.info(key)[1] != value.shape:
+            if key not in ckpt or info(key)[1] != value.shape:
                 raise InputError(f"modules_to_save tensor {value.shape} has no matching base tensor",
                                  adapter.path, key)
             full[key] = value
@@ -110,15 +112,24 @@ def _layout(ckpt, out):
     return False, list(ckpt.readers)
 
 
-def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, quiet=True, sign=+1):
+def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, quiet=True, sign=+1,
+                     requantize=False):
     """Merge (``sign=+1``) or unmerge (``sign=-1``) adapters into ``base``; write ``out``; return a
-    report dict. ``base``: file or model folder; ``adapters``: paths of PEFT adapters."""
+    report dict. ``base``: file or model folder; ``adapters``: paths of PEFT adapters. An NF4 base
+    (bitsandbytes layout) is dequantised; ``requantize`` quantises the merged weights again."""
     t0 = time.perf_counter()
     out = os.path.abspath(str(out))
     check_output(out, [base, *adapters], force)
     adapters = [load_adapter(a) for a in adapters]
     target = output_dtype(dtype)
     with Checkpoint(base) as ckpt:
+        if quantized_weights(ckpt.keys()):
+            from minilora.merge_nf4 import merge_quantized
+
+            rows = merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign)
+            return _report(base, adapters, out, sign, rows, t0)
+        if requantize:
+            raise InputError("--requantize needs a 4-bit (bitsandbytes NF4/FP4) base", ckpt.path)
         patches, full = plan_patches(ckpt, adapters, scale, sign)
         single, shard_names = _layout(ckpt, out)
         if single:
@@ -127,6 +138,10 @@ def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, qu
             with staged_folder(out) as stage:
                 rows = _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign)
                 _copy_extras(ckpt, stage, rows)
+    return _report(base, adapters, out, sign, rows, t0)
+
+
+def _report(base, adapters, out, sign, rows, t0):
     seconds = time.perf_counter() - t0
     nbytes = sum(r["bytes"] for r in rows)
     return {"base": os.path.abspath(str(base)), "adapters": [a.path for a in adapters], "output": out,
@@ -155,6 +170,16 @@ def _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet
     return rows
 
 
+def apply_patches(W, patches, sign, path, name):
+    """Apply (``sign=+1``) or remove (``sign=-1``, in reverse order) the patches of one tensor."""
+    for p in patches if sign > 0 else reversed(patches):
+        try:
+            W, _ = p.apply(W, sign)
+        except ValueError as e:
+            raise InputError(str(e), path, name) from None
+    return W
+
+
 def _process(reader, name, patches, replacement, out_dtype, sign):
     dtype, shape, nbytes = reader.info(name)
     row = {"name": name, "dtype": str(np.dtype(out_dtype)), "shape": list(shape), "bytes": nbytes,
@@ -166,13 +191,7 @@ def _process(reader, name, patches, replacement, out_dtype, sign):
     if replacement is not None:
         W = replacement
     W0 = W = W.astype(out_dtype) if _is_float(W.dtype) else W
-    norms = []
-    for p in patches if sign > 0 else reversed(patches):
-        try:
-            W, n = p.apply(W, sign)
-        except ValueError as e:
-            raise InputError(str(e), reader.path, name) from None
-        norms.append(n)
+    W = apply_patches(W, patches, sign, reader.path, name)
     if patches:
         diff = np.abs(W.astype(np.float64) - W0.astype(np.float64))
         row["max_abs_delta"] = float(diff.max()) if diff.size else 0.0

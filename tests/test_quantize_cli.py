@@ -124,3 +124,49 @@ def test_bad_inputs(tmp_path):
     save_file(tensors, bad / "model.safetensors")
     _error(["dequantize", bad, "-o", tmp_path / "o"], "blocksize 100 is not one of")
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_merge_into_an_nf4_base_dequantised_and_requantised(tmp_path):
+    from minilora import lora
+    from minilora.checkpoint import load_adapter
+    from minilora.synthetic import write_lora_adapter
+
+    config = json.loads(open(os.path.join(BASE, "config.json")).read())
+    write_lora_adapter(tmp_path / "ad", config, rank=4, alpha=8, targets=("q_proj", "down_proj"), std=0.05)
+    adapter = load_adapter(tmp_path / "ad")
+    nf4_base = os.path.join(DATA, "bnb-nf4-dq")
+    expected = load_file(os.path.join(DATA, "bnb-nf4-dq-dequantized.safetensors"))   # bnb's dequantisation
+
+    code, out, err = run("merge", nf4_base, tmp_path / "ad", "-o", tmp_path / "float", "--json")
+    assert code == 0, err
+    merged = load_file(tmp_path / "float" / "model.safetensors")
+    for key, W in expected.items():
+        m = adapter.modules.get(key[: -len(".weight")])
+        ref = W if m is None else lora.merge_weight(W, m.A, m.B, 2.0)
+        assert bits(merged[key]).tobytes() == bits(ref).tobytes(), key
+    assert "quantization_config" not in json.loads((tmp_path / "float" / "config.json").read_text())
+
+    code, out, err = run("merge", nf4_base, tmp_path / "ad", "-o", tmp_path / "q", "--requantize", "--json")
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)["tensors"]}
+    ours, theirs = load_file(tmp_path / "q" / "model.safetensors"), load_file(os.path.join(nf4_base, "model.safetensors"))
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        weight = key.split(".weight")[0]
+        if weight in adapter.modules:
+            continue
+        assert ours[key].tobytes() == theirs[key].tobytes(), key            # untouched: byte for byte
+    key = "model.layers.1.mlp.down_proj.weight"
+    m = adapter.modules["model.layers.1.mlp.down_proj"]
+    state = nf4.quantize(lora.merge_weight(expected[key], m.A, m.B, 2.0), 64, True)
+    assert ours[key].tobytes() == state.packed.tobytes()
+    assert 0 < rows[key]["delta_rel_error"] < 1 and 0 < rows[key]["codes_changed"] < 1
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
+
+
+def test_requantize_needs_a_4bit_base(tmp_path):
+    from minilora.synthetic import write_lora_adapter
+
+    config = json.loads(open(os.path.join(BASE, "config.json")).read())
+    write_lora_adapter(tmp_path / "ad", config, targets=("q_proj",))
+    _error(["merge", BASE, tmp_path / "ad", "-o", tmp_path / "o", "--requantize"], "--requantize needs a 4-bit")

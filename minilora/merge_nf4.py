@@ -1,0 +1,132 @@
+"""Merging into a 4-bit (bitsandbytes NF4 / FP4) base: QLoRA's merge, and what it costs.
+
+``W = dequant(W_q)`` (bit-exact with bitsandbytes), ``W' = round(W + s·B A)`` as in ``minilora.merge``.
+Without ``requantize`` the output is a plain float checkpoint (every 4-bit weight dequantised, the
+``quantization_config`` dropped). With ``requantize`` the merged weights are quantised again with
+the same blocksize, type and double quantisation, and everything else is copied byte for byte.
+
+Re-quantising is lossy: a delta smaller than half the gap between two NF4 levels × absmax vanishes.
+The report says how much of ΔW survived, per tensor: ``delta_rel_error = ‖(dequant(q(W')) − W) − ΔW‖
+/ ‖ΔW‖`` and the share of codes that changed. QA-LoRA avoids this with a zero-point quantiser
+(docs/nf4.md); NF4 has no zero point.
+"""
+import os
+import shutil
+
+import numpy as np
+
+from minilora import nf4
+from minilora.checkpoint import INDEX_NAME, write_json
+from minilora.errors import InputError
+from minilora.merge import apply_patches, plan_patches
+from minilora.nf4_checkpoint import is_aux_key, quantized_weights, read_state, state_tensors
+from minilora.output import staged_folder
+from minilora.progress import Progress
+from minilora.safetensors_io import SafetensorsAppender
+
+
+def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign):
+    """Merge ``adapters`` into the 4-bit checkpoint ``ckpt``; write the folder ``out``; return rows."""
+    if ckpt.folder is None:
+        raise InputError("a 4-bit base must be a model folder", ckpt.path)
+    quantized = quantized_weights(ckpt.keys())
+    states = {}
+
+    def state(key):
+        if key not in states:
+            states[key] = read_state(ckpt, key)
+        return states[key]
+
+    def info(key):
+        if key in quantized:
+            s = state(key)
+            return s.dtype, s.shape, int(np.prod(s.shape)) * s.dtype.itemsize
+        return ckpt.info(key)
+
+    patches, full = plan_patches(ckpt, adapters, scale, sign, info)
+    if requantize and any(k not in quantized for k in patches):
+        first = next(k for k in patches if k not in quantized)
+        raise InputError("--requantize: the adapter also changes a tensor that is not 4-bit", ckpt.path, first)
+    owner = {}  # aux key -> its weight key
+    for key in ckpt.keys():
+        if is_aux_key(key):
+            owner[key] = key.rsplit(".weight.", 1)[0] + ".weight"
+    rows, weight_map = [], {}
+    total = sum(ckpt.info(k)[2] for k in ckpt.keys())
+    with staged_folder(out) as stage, Progress(total, "merge", enabled=not quiet) as progress:
+        for shard, reader in ckpt.readers.items():
+            with SafetensorsAppender(os.path.join(stage, shard), reader.metadata) as w:
+                for name in reader.keys():
+                    nbytes = reader.info(name)[2]
+                    if name in owner and owner[name] in quantized:
+                        if requantize and owner[name] not in patches:
+                            w.write(name, reader.get(name))       # untouched 4-bit weight: as it was
+                            weight_map[name] = shard
+                        progress.update(nbytes, name)
+                        continue
+                    for key, value, row in _one(ckpt, reader, name, quantized, state, patches, full,
+                                                target, requantize, sign):
+                        w.write(key, value)
+                        weight_map[key] = shard
+                        if row:
+                            rows.append(row)
+                    progress.update(nbytes, name)
+        _finish(ckpt, stage, weight_map, requantize)
+    return rows
+
+
+def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize, sign):
+    """The output tensors ``[(key, array, row)]`` for the input tensor ``name``."""
+    todo = patches.get(name, [])
+    if name not in quantized:
+        x = full[name] if name in full else reader.get(name)
+        x = apply_patches(x, todo, sign, reader.path, name) if todo else x
+        if target is not None and not requantize and _is_float(x.dtype):
+            x = x.astype(target)
+        return [(name, x, {"name": name, "dtype": str(x.dtype), "shape": list(x.shape),
+                           "bytes": x.nbytes, "adapters": [p.adapter for p in todo],
+                           "scale": [p.s for p in todo]})]
+    st = state(name)
+    if requantize and not todo:
+        return [(name, reader.get(name), None)]
+    W = nf4.dequantize(st)                                   # bit-exact with bitsandbytes
+    W_new = apply_patches(W, todo, sign, reader.path, name)
+    row = {"name": name, "shape": list(st.shape), "adapters": [p.adapter for p in todo],
+           "scale": [p.s for p in todo], "bytes": W.nbytes}
+    if todo:
+        delta = W_new.astype(np.float64) - W.astype(np.float64)
+        row["max_abs_delta"] = float(np.abs(delta).max())
+    if not requantize:
+        out = W_new.astype(target) if target is not None else W_new
+        row["dtype"] = str(out.dtype)
+        return [(name, out, row)]
+    new = nf4.quantize(W_new, st.blocksize, st.nested_codes is not None, st.quant_type)
+    realised = nf4.dequantize(new, np.float32).astype(np.float64) - W.astype(np.float64)
+    norm = float(np.linalg.norm(delta))
+    row.update(dtype=f"{st.quant_type} (re-quantised)",
+               delta_rel_error=float(np.linalg.norm(realised - delta) / norm) if norm else 0.0,
+               codes_changed=_codes_changed(new.packed, st.packed, int(np.prod(st.shape))))
+    return [(k, v, row if k == name else None) for k, v in state_tensors(name, new)]
+
+
+def _codes_changed(a, b, n):
+    """Share of the ``n`` 4-bit codes that differ between two packed arrays."""
+    x = (a ^ b).reshape(-1)  # (n+1)//2 bytes
+    changed = np.count_nonzero(x >> 4) + np.count_nonzero(x[: n // 2] & 0x0F)
+    return changed / max(n, 1)
+
+
+def _is_float(dtype):
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
+
+
+def _finish(ckpt, stage, weight_map, requantize):
+    for name in ckpt.extra_files():
+        if name != "config.json":
+            shutil.copy2(os.path.join(ckpt.folder, name), os.path.join(stage, name))
+    if ckpt.index is not None:
+        write_json(os.path.join(stage, INDEX_NAME), {"metadata": {}, "weight_map": weight_map})
+    config = dict(ckpt.config or {})
+    if not requantize:
+        config.pop("quantization_config", None)
+    write_json(os.path.join(stage, "config.json"), config)

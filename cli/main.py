@@ -49,11 +49,12 @@ def cli():
 
 
 def _register():
+    from .demo import demo
     from .inspect_cmd import inspect
     from .merge import merge, unmerge
     from .quantize import dequantize, quantize
 
-    for command in (merge, unmerge, quantize, dequantize, inspect):
+    for command in (demo, merge, unmerge, quantize, dequantize, inspect):
         cli.add_command(command)
 
 

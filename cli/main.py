@@ -50,11 +50,12 @@ def cli():
 
 def _register():
     from .demo import demo
+    from .diff import diff
     from .inspect_cmd import inspect
     from .merge import merge, unmerge
     from .quantize import dequantize, quantize
 
-    for command in (demo, merge, unmerge, quantize, dequantize, inspect):
+    for command in (demo, merge, unmerge, quantize, dequantize, inspect, diff):
         cli.add_command(command)
 
 

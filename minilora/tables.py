@@ -50,7 +50,7 @@ FP4 = _f32(
 )
 
 # The 8-bit signed dynamic map of double quantisation, ascending. DYN[0] = -0.99296875,
-# DYN[128] = 0.0, DYN[255] = 1.0.
+# DYN[127] = 0.0 (the spec text says 128; bitsandbytes and the hex file agree on 127), DYN[255] = 1.0.
 DYNAMIC_MAP = _f32(
     "bf7e3333 bf7a999a bf770000 bf736666 bf6fcccd bf6c3333 bf68999a bf650000"
     " bf616666 bf5dcccd bf5a3333 bf56999a bf530000 bf4f6666 bf4bcccd bf483333"

@@ -1,0 +1,167 @@
+"""Compare two tensors, checkpoints, adapters or 4-bit folders, tensor by tensor, streamed.
+
+Per tensor: max |a − b|, max relative error, max ULP distance (same dtype), the share of bit-identical
+elements, and for two 4-bit weights the number of NF4 / FP4 codes that differ. ``b`` is the reference:
+an element is within tolerance when ``|a − b| ≤ atol + rtol·|b|`` (NaN only matches NaN), or, with
+``bound="matmul"``, when ``|a − b| ≤ γ_K·(|x| |w|ᵀ)`` for given ``x`` and ``w``. A 4-bit weight
+compared with a float one is dequantised first (bit-exact with bitsandbytes).
+"""
+import os
+
+import numpy as np
+
+from minilora import lora, nf4, testing
+from minilora.checkpoint import Checkpoint, load_adapter
+from minilora.describe import is_adapter
+from minilora.errors import InputError
+from minilora.nf4_checkpoint import is_aux_key, quantized_weights, read_state
+from minilora.safetensors_io import load_file
+
+
+class Source:
+    """Named tensors from one path, read one at a time; 4-bit weights come as ``QuantState``."""
+
+    def __init__(self, path, delta=False):
+        self.path, self._ckpt, self._tensors, self.quantized = str(path), None, None, {}
+        if self.path.endswith(".npy"):
+            try:
+                self._tensors = {"tensor": np.load(self.path, allow_pickle=False)}
+            except ValueError as e:
+                raise InputError(f"not a plain .npy array ({e})", self.path) from None
+        elif is_adapter(self.path):
+            adapter = load_adapter(self.path)
+            if delta:  # compare what the adapter does, s·B A, not its factors
+                cfg = adapter.config
+                self._tensors = {}
+                for name, m in adapter.modules.items():
+                    r, alpha = lora.module_rank_alpha(name, cfg.get("r", 8), cfg.get("lora_alpha", 8),
+                                                      cfg.get("rank_pattern"), cfg.get("alpha_pattern"))
+                    s = lora.scaling(alpha, r, bool(cfg.get("use_rslora")))
+                    self._tensors[f"{name}.delta"] = lora.delta_weight(m.A, m.B, s)
+            else:
+                self._tensors = load_file(adapter.path)
+        else:
+            self._ckpt = Checkpoint(self.path)
+            self.quantized = quantized_weights(self._ckpt.keys())
+
+    def keys(self):
+        if self._tensors is not None:
+            return list(self._tensors)
+        return [k for k in self._ckpt.keys() if not (is_aux_key(k) and self._owner(k) in self.quantized)]
+
+    @staticmethod
+    def _owner(key):
+        return key.rsplit(".weight.", 1)[0] + ".weight"
+
+    def get(self, name):
+        if self._tensors is not None:
+            return self._tensors[name]
+        if name in self.quantized:
+            return read_state(self._ckpt, name)
+        return self._ckpt.get(name)
+
+    def close(self):
+        if self._ckpt is not None:
+            self._ckpt.close()
+
+
+def _as_float(x):
+    return nf4.dequantize(x) if isinstance(x, nf4.QuantState) else x
+
+
+def ulp_distance(a, b):
+    """Max distance in units in the last place between same-dtype float arrays (NaN pairs: 0)."""
+    bits = {2: np.int16, 4: np.int32, 8: np.int64}[a.dtype.itemsize]
+    ia, ib = (v.view(bits).astype(np.int64) for v in (a, b))
+    top = np.int64(1) << (8 * a.dtype.itemsize - 1)
+    oa, ob = (np.where(i < 0, -top - i, i) for i in (ia, ib))  # monotone integer order of floats
+    both_nan = np.isnan(a.astype(np.float32)) & np.isnan(b.astype(np.float32))
+    d = np.where(both_nan, 0, np.abs(oa - ob))
+    return int(d.max()) if d.size else 0
+
+
+def compare(name, a, b, rtol=0.0, atol=0.0, bound=None):
+    """One row of the report for tensor ``name`` (``a`` compared with the reference ``b``)."""
+    row = {"name": name}
+    if isinstance(a, nf4.QuantState) and isinstance(b, nf4.QuantState) and a.shape == b.shape:
+        n = int(np.prod(a.shape))
+        ca, cb = nf4.unpack_nibbles(a.packed, n), nf4.unpack_nibbles(b.packed, n)
+        row["code_mismatches"] = int(np.count_nonzero(ca != cb))
+    a, b = _as_float(a), _as_float(b)
+    row.update(dtype=[str(a.dtype), str(b.dtype)], shape=[list(a.shape), list(b.shape)])
+    if a.shape != b.shape:
+        row.update(within=False, problem="shapes differ")
+        return row
+    if not (_numeric(a.dtype) and _numeric(b.dtype)):
+        row.update(within=False, problem="not numeric")
+        return row
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    same_nan = np.isnan(a64) & np.isnan(b64)
+    err = np.where(same_nan, 0.0, np.abs(a64 - b64))
+    err = np.where(np.isnan(err) | (np.isinf(a64) & (a64 != b64)), np.inf, err)  # NaN vs number
+    rel = err / np.maximum(np.abs(b64), np.finfo(np.float64).tiny)
+    identical = (a.view(f"u{a.itemsize}") == b.view(f"u{b.itemsize}")) if a.dtype == b.dtype else (a64 == b64) | same_nan
+    allowed = (atol + rtol * np.abs(b64)) if bound is None else bound
+    row.update(max_abs_error=float(err.max()) if err.size else 0.0,
+               max_rel_error=float(np.where(err == 0, 0, rel).max()) if err.size else 0.0,
+               identical_fraction=float(identical.mean()) if identical.size else 1.0,
+               max_ulp=ulp_distance(a, b) if a.dtype == b.dtype and _is_float(a.dtype) else None,
+               outside=int(np.count_nonzero(~(err <= allowed))))
+    row["within"] = row["outside"] == 0
+    return row
+
+
+def _is_float(dtype):
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
+def _numeric(dtype):
+    return dtype.kind in "fiub" or _is_float(dtype)
+
+
+def _load_single(path):
+    src = Source(path)
+    try:
+        keys = src.keys()
+        if len(keys) != 1:
+            raise InputError(f"--x / --w must hold exactly one tensor, found {len(keys)}", path)
+        return np.asarray(_as_float(src.get(keys[0])))
+    finally:
+        src.close()
+
+
+def diff(path_a, path_b, rtol=0.0, atol=0.0, bound=None, x=None, w=None, delta=False, names=None):
+    """Compare ``path_a`` with the reference ``path_b``; return a report with ``ok``."""
+    if bound not in (None, "matmul"):
+        raise InputError(f"--bound must be 'matmul', got {bound!r}")
+    matmul = None
+    if bound == "matmul":
+        if x is None or w is None:
+            raise InputError("--bound matmul needs --x and --w (the inputs of y = x wᵀ)")
+        xs, ws = _load_single(x), _load_single(w)
+        matmul = testing.matmul_bound(xs, ws)
+    for p in (path_a, path_b):
+        if not os.path.exists(p):
+            raise InputError("no such file or folder", p)
+    a, b = Source(path_a, delta), Source(path_b, delta)
+    try:
+        ka, kb = a.keys(), b.keys()
+        only_a, only_b = sorted(set(ka) - set(kb)), sorted(set(kb) - set(ka))
+        rows = []
+        for name in [k for k in ka if k in set(kb)]:
+            if names and name not in names:
+                continue
+            ta, tb = a.get(name), b.get(name)
+            limit = None
+            if matmul is not None:
+                ref = _as_float(tb)
+                limit = matmul + testing._output_rounding(_as_float(ta), ref.astype(np.float64))
+            rows.append(compare(name, ta, tb, rtol, atol, limit))
+    finally:
+        a.close()
+        b.close()
+    ok = not only_a and not only_b and all(r["within"] for r in rows)
+    return {"a": str(path_a), "b": str(path_b), "rtol": rtol, "atol": atol, "bound": bound,
+            "ok": ok, "only_in_a": only_a, "only_in_b": only_b, "tensors": rows,
+            "totals": {"compared": len(rows), "outside": sum(1 for r in rows if not r["within"]),
+                       "bit_identical": sum(1 for r in rows if r.get("identical_fraction") == 1.0)}}

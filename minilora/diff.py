@@ -13,6 +13,7 @@ import numpy as np
 from minilora import lora, nf4, testing
 from minilora.checkpoint import Checkpoint, load_adapter
 from minilora.describe import is_adapter
+from minilora.dtypes import is_float
 from minilora.errors import InputError
 from minilora.nf4_checkpoint import is_aux_key, quantized_weights, read_state
 from minilora.safetensors_io import load_file
@@ -105,18 +106,15 @@ def compare(name, a, b, rtol=0.0, atol=0.0, bound=None):
     row.update(max_abs_error=float(err.max()) if err.size else 0.0,
                max_rel_error=float(np.where(err == 0, 0, rel).max()) if err.size else 0.0,
                identical_fraction=float(identical.mean()) if identical.size else 1.0,
-               max_ulp=ulp_distance(a, b) if a.dtype == b.dtype and _is_float(a.dtype) else None,
+               max_ulp=ulp_distance(a, b) if a.dtype == b.dtype and is_float(a.dtype) else None,
                outside=int(np.count_nonzero(~(err <= allowed))))
     row["within"] = row["outside"] == 0
     return row
 
 
-def _is_float(dtype):
-    return dtype.kind == "f" or dtype.name == "bfloat16"
-
 
 def _numeric(dtype):
-    return dtype.kind in "fiub" or _is_float(dtype)
+    return dtype.kind in "fiub" or is_float(dtype)
 
 
 def _load_single(path):

@@ -9,7 +9,9 @@ Shape legend: ``x (M, K)``, ``W (N, K)`` (Conv1D: ``(K, N)``), ``A (R, K)``, ``B
 Embedding: ``W (V, d)``, ``A (R, V)``, ``B (d, R)``.
 
 Reductions (matmuls, sums) accumulate in float64 and return float64; element-wise steps that PEFT runs
-in float32 (``ΔW``, the merge) run in float32 exactly as PEFT does, so merges are bit-exact with it.
+in float32 (``·s``, the merge) run in float32 exactly as PEFT does, so given the same float32 ``BA`` the
+merges are bit-exact with it. ``BA`` itself is a reduction over R: rounded once here, accumulated in
+float32 by PEFT's matmul, so float32 ``ΔW`` may differ in the last bit (tests/test_peft_vectors.py).
 Not here: dropout masks (pass the already-dropped ``x``), DoRA (``minilora.dora``), quantised bases
 (``minilora.nf4``), file formats (``minilora.checkpoint``).
 """
@@ -120,8 +122,9 @@ def lora_backward(x, W, A, B, s, grad_y, fan_in_fan_out=False):
 
 
 def delta_weight(A, B, s, fan_in_fan_out=False):
-    """``ΔW = s · B A`` as PEFT computes it: the product rounded once to float32, then multiplied
-    by float32(s) in float32. ``(N, K)``, or ``(K, N)`` for Conv1D / Embedding layouts."""
+    """``ΔW = s · B A``: the product rounded once to float32 (PEFT's float32 matmul may differ in the last
+    bit), then multiplied by float32(s) in float32 as PEFT does. ``(N, K)``, or ``(K, N)`` for Conv1D /
+    Embedding layouts."""
     A, B = np.asarray(A), np.asarray(B)
     if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
         raise ValueError(f"need A (R, K) and B (N, R) with the same R, got A {A.shape}, B {B.shape}")

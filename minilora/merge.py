@@ -18,24 +18,12 @@ import numpy as np
 
 from minilora import dora, lora
 from minilora.checkpoint import INDEX_NAME, Checkpoint, load_adapter, write_json
+from minilora.dtypes import dtype_from_name, is_float
 from minilora.errors import InputError
 from minilora.nf4_checkpoint import quantized_weights
 from minilora.output import check_output, staged_folder
 from minilora.progress import Progress
 from minilora.safetensors_io import SafetensorsWriter
-
-def output_dtype(name):
-    """``"bf16"`` / ``"bfloat16"`` / ``"fp16"`` / ... → a NumPy dtype, or None for "keep"."""
-    import ml_dtypes
-
-    table = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
-             "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16}
-    if name is None:
-        return None
-    if name not in table:
-        raise InputError(f"--dtype must be one of {', '.join(table)}, got {name!r}")
-    return np.dtype(table[name])
-
 
 @dataclass
 class Patch:
@@ -57,10 +45,6 @@ class Patch:
         return fn(W, m.A, m.B, self.s, ffio), None
 
 
-def _is_float(dtype):
-    return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
-
-
 def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None):
     """Map base tensor name → [Patch, ...] and check every adapter fits the base, before any I/O.
     ``info(name) → (dtype, shape, nbytes)`` defaults to the file's; an NF4 base passes the logical one."""
@@ -74,7 +58,7 @@ def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None):
                 raise InputError(f"adapter module {name} has no tensor {key} in the base checkpoint "
                                  f"{ckpt.path} (an adapter for a different model?)", adapter.path, name)
             dtype, shape, _ = info(key)
-            if not _is_float(dtype):
+            if not is_float(dtype):
                 raise InputError(f"base tensor {key} is {dtype}, not a float weight", ckpt.path, key)
             r, alpha = lora.module_rank_alpha(name, cfg.get("r", 8), cfg.get("lora_alpha", 8),
                                               cfg.get("rank_pattern"), cfg.get("alpha_pattern"))
@@ -121,7 +105,7 @@ def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, qu
     out = os.path.abspath(str(out))
     check_output(out, [base, *adapters], force)
     adapters = [load_adapter(a) for a in adapters]
-    target = output_dtype(dtype)
+    target = dtype_from_name(dtype)
     with Checkpoint(base) as ckpt:
         if quantized_weights(ckpt.keys()):
             from minilora.merge_nf4 import merge_quantized
@@ -157,7 +141,7 @@ def _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet
     with Progress(total, "merge" if sign > 0 else "unmerge", enabled=not quiet) as progress:
         for shard, reader in zip(shard_names, ckpt.readers.values()):
             names = reader.keys()
-            out_dtype = {n: target if target is not None and _is_float(reader.info(n)[0])
+            out_dtype = {n: target if target is not None and is_float(reader.info(n)[0])
                          else reader.info(n)[0] for n in names}
             entries = [(n, out_dtype[n], reader.info(n)[1]) for n in names]
             path = stage if single else os.path.join(stage, shard)
@@ -190,7 +174,7 @@ def _process(reader, name, patches, replacement, out_dtype, sign):
     W = reader.get(name)
     if replacement is not None:
         W = replacement
-    W0 = W = W.astype(out_dtype) if _is_float(W.dtype) else W
+    W0 = W = W.astype(out_dtype) if is_float(W.dtype) else W
     W = apply_patches(W, patches, sign, reader.path, name)
     if patches:
         diff = np.abs(W.astype(np.float64) - W0.astype(np.float64))

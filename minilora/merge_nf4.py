@@ -17,6 +17,7 @@ import numpy as np
 
 from minilora import nf4
 from minilora.checkpoint import INDEX_NAME, write_json
+from minilora.dtypes import is_float
 from minilora.errors import InputError
 from minilora.merge import apply_patches, plan_patches
 from minilora.nf4_checkpoint import is_aux_key, quantized_weights, read_state, state_tensors
@@ -81,7 +82,7 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
     if name not in quantized:
         x = full[name] if name in full else reader.get(name)
         x = apply_patches(x, todo, sign, reader.path, name) if todo else x
-        if target is not None and not requantize and _is_float(x.dtype):
+        if target is not None and not requantize and is_float(x.dtype):
             x = x.astype(target)
         return [(name, x, {"name": name, "dtype": str(x.dtype), "shape": list(x.shape),
                            "bytes": x.nbytes, "adapters": [p.adapter for p in todo],
@@ -115,9 +116,6 @@ def _codes_changed(a, b, n):
     changed = np.count_nonzero(x >> 4) + np.count_nonzero(x[: n // 2] & 0x0F)
     return changed / max(n, 1)
 
-
-def _is_float(dtype):
-    return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
 
 
 def _finish(ckpt, stage, weight_map, requantize):

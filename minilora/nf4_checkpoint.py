@@ -14,6 +14,7 @@ import json
 import numpy as np
 
 from minilora import nf4
+from minilora.dtypes import dtype_from_name
 from minilora.errors import InputError
 from minilora.tables import ALLOWED_BLOCKSIZES, DYNAMIC_MAP, FP4, NESTED_BLOCKSIZE, NF4
 
@@ -97,7 +98,7 @@ def read_state(ckpt, key):
     qmap = ckpt.get(f"{key}.quant_map")
     if qmap.dtype != np.float32 or qmap.view(np.uint32).tolist() != TABLES[qt].view(np.uint32).tolist():
         raise bad(f"quant_map is not the standard {qt} table (custom tables are not supported)")
-    out_dtype = np.dtype(nf4._out_dtype(dtype))
+    out_dtype = dtype_from_name(dtype)
     if "nested_absmax" not in fields and f"{key}.nested_absmax" not in ckpt:
         if absmax.dtype != np.float32:
             raise bad(f"absmax is {absmax.dtype} without double quantisation")

@@ -16,8 +16,8 @@ import numpy as np
 
 from minilora import nf4
 from minilora.checkpoint import INDEX_NAME, Checkpoint, write_json
+from minilora.dtypes import dtype_from_name, is_float
 from minilora.errors import InputError
-from minilora.merge import output_dtype
 from minilora.nf4_checkpoint import (is_aux_key, quantization_config, quantized_weights, read_state,
                                      state_tensors)
 from minilora.output import check_output, staged_folder
@@ -28,9 +28,6 @@ BLOCK_RE = re.compile(r"(^|\.)(layers|h|layer|blocks|block)\.\d+\.")
 SKIP_PARTS = ("norm", "embed", "ln_", "lm_head", "wte", "wpe")
 
 
-def _is_float(dtype):
-    return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
-
 
 def select_weights(ckpt, include=(), exclude=()):
     """Weight keys to quantise: 2-D float ``*.weight`` in decoder blocks, or the modules matching
@@ -38,7 +35,7 @@ def select_weights(ckpt, include=(), exclude=()):
     chosen = []
     for key in ckpt.keys():
         dtype, shape, _ = ckpt.info(key)
-        if not key.endswith(".weight") or len(shape) != 2 or not _is_float(dtype):
+        if not key.endswith(".weight") or len(shape) != 2 or not is_float(dtype):
             continue
         module = key[: -len(".weight")]
         if include:
@@ -125,7 +122,7 @@ def dequantize_checkpoint(src, out, dtype=None, force=False, quiet=True):
     t0 = time.perf_counter()
     out = os.path.abspath(str(out))
     check_output(out, [src], force)
-    target = output_dtype(dtype)
+    target = dtype_from_name(dtype)
     with Checkpoint(src) as ckpt:
         if ckpt.folder is None:
             raise InputError("dequantize needs a model folder (config.json + safetensors)", ckpt.path)
@@ -145,7 +142,7 @@ def dequantize_checkpoint(src, out, dtype=None, force=False, quiet=True):
                             x = nf4.dequantize(read_state(ckpt, name), target)
                         else:
                             x = reader.get(name)
-                            x = x.astype(target) if target is not None and _is_float(x.dtype) else x
+                            x = x.astype(target) if target is not None and is_float(x.dtype) else x
                         w.write(name, x)
                         weight_map[name] = shard
                         rows.append({"name": name, "dtype": str(x.dtype), "shape": list(x.shape),

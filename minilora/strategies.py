@@ -12,7 +12,6 @@ subnormals). Sizes are drawn from the lengths that hit every SIMD and block tail
 """
 try:
     from hypothesis import strategies as st
-    from hypothesis.extra import numpy as hnp
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("minilora.strategies needs hypothesis: pip install hypothesis") from e
 

@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from minilora.checkpoint import INDEX_NAME, LoraModule, save_adapter, write_json
-from minilora.merge import output_dtype
+from minilora.dtypes import dtype_from_name
 from minilora.safetensors_io import SafetensorsWriter
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -59,7 +59,7 @@ def write_llama_checkpoint(folder, config, seed=0, max_shard_bytes=None):
     """Write ``config.json`` and ``model.safetensors`` (or shards + index when the weights exceed
     ``max_shard_bytes``) into ``folder``. Returns the folder."""
     os.makedirs(folder, exist_ok=True)
-    dtype = output_dtype(config.get("torch_dtype", "float32"))
+    dtype = dtype_from_name(config.get("torch_dtype", "float32"))
     tensors = llama_tensors(config)
     shards, size = [[]], 0
     for name, shape in tensors:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from minilora import lora
 from minilora.checkpoint import Checkpoint, load_adapter
 from minilora.cli.main import cli
-from minilora.safetensors_io import load_file, save_file
+from minilora.safetensors_io import load_file
 from minilora.synthetic import llama_config, write_llama_checkpoint, write_lora_adapter
 
 CONFIG = llama_config(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=64)

@@ -189,7 +189,9 @@ def _adapter_paths(path):
 def _module_key(key):
     """``base_model.model.<module>.<part>`` → (module, role), or (key, None) for a full tensor."""
     stripped = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-    stripped = stripped.replace(".modules_to_save.default.", ".")
+    # Full tensors: modules_to_save, and the base weights PEFT saves beside an adapted embedding
+    # (save_embedding_layers) under "<module>.base_layer.weight"; both replace the base tensor.
+    stripped = stripped.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
     for part, role in LORA_PARTS.items():
         head, _, tail = part.partition(".")
         for infix in ("", ".default"):

@@ -124,10 +124,10 @@ def test_single_file_in_single_file_out_and_inspect(models, tmp_path):
 def test_subprocess_entry_point(models, tmp_path):
     exe = [sys.executable, "-m", "minilora"]
     ok = subprocess.run(exe + ["merge", str(models / "base"), str(models / "adapter"), "-o", str(tmp_path / "s")],
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, cwd=tmp_path)
     assert ok.returncode == 0 and "merged 1 adapter(s)" in ok.stdout
     bad = subprocess.run(exe + ["merge", str(models / "base"), str(models / "adapter"), "-o", str(tmp_path / "s")],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
 
 

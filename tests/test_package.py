@@ -9,9 +9,10 @@ import minilora
 from minilora.cli.main import cli
 
 
-def test_import_does_not_pull_torch():
+def test_import_does_not_pull_torch(tmp_path):
+    # cwd=tmp_path: `python -c` puts the cwd first on sys.path; the installed package must answer.
     code = "import sys, minilora, minilora.lora, minilora.checkpoint; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "False"
 
 
@@ -26,10 +27,10 @@ def test_native_extension_smoke():
     assert lib.minilora_saxpy(-1, 2.0, ffi.NULL, ffi.NULL) != 0
 
 
-def test_cli_version_and_module_entry():
+def test_cli_version_and_module_entry(tmp_path):
     result = CliRunner().invoke(cli, ["--version"])
     assert result.exit_code == 0 and minilora.__version__ in result.output
-    out = subprocess.run([sys.executable, "-m", "minilora", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "minilora", "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0 and "Usage" in out.stdout
 
 

@@ -27,8 +27,9 @@ setup(
         "ml_dtypes>=0.3",   # bfloat16 arrays in NumPy with exact round-to-nearest-even casts
     ],
     extras_require={
-        "torch": [TORCH, "safetensors>=0.4"],
-        "test": ["pytest>=7", "hypothesis>=6.80", TORCH, "safetensors>=0.4"],
+        # tokenizers reads tokenizer.json; jinja2 renders chat templates (torch already needs it)
+        "torch": [TORCH, "tokenizers>=0.15", "jinja2"],
+        "test": ["pytest>=7", "hypothesis>=6.80", TORCH, "safetensors>=0.4", "tokenizers>=0.15", "jinja2"],
     },
     entry_points={"console_scripts": ["minilora=minilora.cli.main:main"]},
     zip_safe=False,

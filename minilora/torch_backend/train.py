@@ -65,6 +65,10 @@ def prepare_data(model_dir, data_path, opts):
     encoded = [data.tokenize_example(examples[i], tok, eos, template) for i in order]
     train = data.pack(encoded[n_eval:], opts.max_length)
     evals = data.pack(encoded[:n_eval], opts.max_length) if n_eval else None
+    vocab = load_config(model_dir).get("vocab_size")
+    if vocab is not None and int(train[0].max()) >= vocab:
+        raise InputError(f"the tokenizer produces token id {int(train[0].max())} but the model's vocab_size "
+                         f"is {vocab} (tokenizer and model do not belong together)", model_dir)
     digest = hashlib.sha256(open(data_path, "rb").read()).hexdigest()
     return train, evals, digest
 

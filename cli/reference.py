@@ -22,11 +22,11 @@ Shell completion (click's): `eval "$(_MINILORA_COMPLETE=bash_source minilora)"` 
 
 def render():
     parts = [HEADER]
-    ctx = click.Context(cli, info_name="minilora")
+    ctx = click.Context(cli, info_name="minilora", terminal_width=100, max_content_width=100,
+                        **cli.context_settings)
     for name in sorted(cli.list_commands(ctx)):
         command = cli.get_command(ctx, name)
-        sub = click.Context(command, info_name=f"minilora {name}", parent=None, terminal_width=100,
-                            max_content_width=100)
+        sub = click.Context(command, info_name=name, parent=ctx)
         parts.append(f"## `minilora {name}`\n\n```\n{command.get_help(sub)}\n```\n")
     return "\n".join(parts)
 

@@ -8,10 +8,9 @@ PEFT conventions (0.21): rank / alpha patterns, the two initialisations, GPT-2 C
 Shape legend: ``x (M, K)``, ``W (N, K)`` (Conv1D: ``(K, N)``), ``A (R, K)``, ``B (N, R)``, ``y (M, N)``.
 Embedding: ``W (V, d)``, ``A (R, V)``, ``B (d, R)``.
 
-Reductions (matmuls, sums) accumulate in float64 and return float64; element-wise steps that PEFT runs
-in float32 (``·s``, the merge) run in float32 exactly as PEFT does, so given the same float32 ``BA`` the
-merges are bit-exact with it. ``BA`` itself is a reduction over R: rounded once here, accumulated in
-float32 by PEFT's matmul, so float32 ``ΔW`` may differ in the last bit (tests/test_peft_vectors.py).
+Reductions of the forward and backward (matmuls) accumulate in float64 and return float64. The merge is
+an exact operation and reproduces PEFT's bits: ``ΔW`` is PEFT's float32 sum over r in its CPU order
+(one FMA per term), then ``·s`` and ``W + ΔW`` in float32, rounded once to the base dtype.
 Not here: dropout masks (pass the already-dropped ``x``), DoRA (``minilora.dora``), quantised bases
 (``minilora.nf4``), file formats (``minilora.checkpoint``).
 """
@@ -121,16 +120,41 @@ def lora_backward(x, W, A, B, s, grad_y, fan_in_fan_out=False):
     return grad_x, grad_A, grad_B
 
 
+def fma_f32(a, b, c):
+    """``fmaf(a, b, c)`` elementwise on float32 arrays: ``a·b + c`` with ONE rounding to float32.
+
+    The float64 product of two float32 values is exact; ``TwoSum`` gives the exact residual of the float64
+    sum; making that sum round-to-odd (Boldo & Melquiond 2008) lets the final cast to float32 round
+    correctly, since 53 ≥ 24 + 2 bits.
+    """
+    p = a.astype(F64) * b.astype(F64)  # exact
+    c = c.astype(F64)
+    total = p + c
+    bp = total - c
+    resid = (p - bp) + (c - (total - bp))  # exact: total + resid == p + c
+    fix = (resid != 0) & ((total.view(np.int64) & 1) == 0)
+    total = np.where(fix, np.nextafter(total, np.where(resid > 0, np.inf, -np.inf)), total)  # round-to-odd
+    return total.astype(F32)
+
+
 def delta_weight(A, B, s, fan_in_fan_out=False):
-    """``ΔW = s · B A``: the product rounded once to float32 (PEFT's float32 matmul may differ in the last
-    bit), then multiplied by float32(s) in float32 as PEFT does. ``(N, K)``, or ``(K, N)`` for Conv1D /
-    Embedding layouts."""
+    """``ΔW = s · B A`` exactly as PEFT computes it on CPU: the float32 sum over r in order, one fused
+    multiply-add per term (``acc = fmaf(B[:, r], A[r, :], acc)``, what torch's CPU matmul does for
+    LoRA's small R), then ``acc · float32(s)`` in float32. ``(N, K)``, or ``(K, N)`` for Conv1D /
+    Embedding layouts. The C kernel ``minilora_lora_merge`` computes the same bits.
+
+    This fixes the summation order instead of accumulating in float64: ΔW's order is part of what a
+    merge must reproduce to be bit-identical with PEFT (docs/merge.md, "ΔW and summation order").
+    """
     A, B = np.asarray(A), np.asarray(B)
     if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
         raise ValueError(f"need A (R, K) and B (N, R) with the same R, got A {A.shape}, B {B.shape}")
+    A, B = A.astype(F32), B.astype(F32)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by the merge check
-        BA = (B.astype(F64) @ A.astype(F64)).astype(F32)  # (N, K)
-        delta = BA * F32(s)  # (N, K)
+        acc = np.zeros((B.shape[0], A.shape[1]), F32)  # (N, K)
+        for r in range(A.shape[0]):
+            acc = fma_f32(B[:, r:r + 1], A[r:r + 1, :], acc)  # (N, K)
+        delta = acc * F32(s)  # (N, K)
     return delta.T if fan_in_fan_out else delta  # (K, N) when fan_in_fan_out
 
 

@@ -1,5 +1,6 @@
 """docs/cli.md is generated from the click commands and must not be stale; every command's
 --help carries an example."""
+import difflib
 import os
 
 from click.testing import CliRunner
@@ -12,7 +13,10 @@ DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "cli.md")
 
 def test_cli_reference_is_current():
     with open(DOC, encoding="utf-8") as f:
-        assert f.read() == render(), "docs/cli.md is stale: python -m minilora.cli.reference > docs/cli.md"
+        committed = f.read()
+    fresh = render()
+    diff = "\n".join(difflib.unified_diff(committed.splitlines(), fresh.splitlines(), lineterm="", n=1))
+    assert committed == fresh, f"docs/cli.md is stale (python -m minilora.cli.reference > docs/cli.md):\n{diff[:2000]}"
 
 
 def test_every_command_has_help_with_an_example():

@@ -224,7 +224,8 @@ def test_embedding_forward_and_delta_agree(V, d, R, M, s, seed):
     assert delta.shape == (V, d) and delta.dtype == F32
     # y = (W + ΔW)[idx] up to the float32 roundings of ΔW
     err = np.abs((W.astype(F64) + delta)[idx] - y)
-    assert (err <= gamma(2, 2.0 ** -24) * abs_delta(A, B, s).T[idx] + gamma(R + 1) * np.abs(y)).all()
+    # ΔW is a float32 sum of R FMAs then one scaling: γ_{R+1}(2⁻²⁴)·|s||B||A|
+    assert (err <= gamma(R + 1, 2.0 ** -24) * abs_delta(A, B, s).T[idx] + gamma(R + 1) * np.abs(y)).all()
     # and Embedding LoRA is fan_in_fan_out LoRA applied to one-hot rows
     onehot = np.eye(V, dtype=F32)[idx]  # (M, V)
     y2 = lora.lora_forward(onehot, W, A, B, s, fan_in_fan_out=True)

@@ -1,0 +1,122 @@
+"""QLoRA: a frozen NF4 Linear (``NF4Linear``) and LoRA on top of it (``QLoraLinear``).
+
+``y = x · dequant(W)ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ`` (Dettmers et al. 2023, §3-§4). The weight is stored as
+4-bit NF4 codes plus block absmax values (optionally double quantised: 8-bit codes per block plus one
+float32 per 256 blocks), and dequantised on the fly, in the compute dtype, bit-exact with
+``minilora.nf4.dequantize``. The dequantised weight is never kept: the backward pass dequantises again
+(as bitsandbytes' ``MatMul4Bit`` does), so activations, not weights, dominate training memory.
+
+Not here: a fused NF4 matmul kernel (``minilora.native`` has one for the CPU), FP4, re-quantising a merged
+weight (QLoRA merges are lossy; ``QLoraLinear.merged()`` returns a full-precision Linear).
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minilora.tables import DEFAULT_BLOCKSIZE
+from minilora.torch_backend import nf4
+from minilora.torch_backend.lora import LoraLinear
+
+
+def _bits(t):
+    return None if t is None else t.view(torch.int32)
+
+
+def _float(bits):
+    return None if bits is None else bits.view(torch.float32)
+
+
+class _DequantLinear(torch.autograd.Function):
+    """``y = x Wᵀ`` with ``W = layer.dequantize(x.dtype)``, re-dequantised in backward rather than saved."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))  # (..., N)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_y @ ctx.layer.dequantize(grad_y.dtype), None  # (..., K)
+
+
+class NF4Linear(nn.Module):
+    """A frozen Linear whose weight ``W (N, K)`` is held as an NF4 ``QuantState`` (buffers move with ``.to``).
+
+    ``compute_dtype`` (default: the original weight's dtype) is the dtype of the dequantised weight, of
+    the matmul and of the output; inputs are cast to it.
+    """
+
+    def __init__(self, state, bias=None, compute_dtype=None):
+        super().__init__()
+        if len(state.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-D weight state (N, K), got shape {state.shape}")
+        self.out_features, self.in_features = state.shape
+        self.shape, self.orig_dtype, self.blocksize = tuple(state.shape), state.dtype, state.blocksize
+        self.compute_dtype = compute_dtype or state.dtype
+        # float32 statistics are kept as their int32 bit patterns, so that ``model.to(torch.bfloat16)``,
+        # which casts every floating-point buffer, cannot round them.
+        self.register_buffer("packed", state.packed)  # ((N*K+1)//2, 1) uint8
+        self.register_buffer("absmax_bits", _bits(state.absmax))  # (nblocks,) int32, or None with DQ
+        self.register_buffer("nested_codes", state.nested_codes)  # (nblocks,) uint8, DQ only
+        self.register_buffer("nested_absmax_bits", _bits(state.nested_absmax))  # (ceil(nblocks/256),), DQ only
+        self.offset = state.offset  # np.float32 or None
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear, blocksize=DEFAULT_BLOCKSIZE, double_quant=False, compute_dtype=None):
+        """Quantise an ``nn.Linear`` (its weight's own dtype and device) with ``minilora.torch_backend.nf4.quantize``."""
+        state = nf4.quantize(linear.weight.detach(), blocksize, double_quant)
+        return cls(state, linear.bias, compute_dtype)
+
+    @property
+    def double_quant(self):
+        return self.nested_codes is not None
+
+    def quant_state(self):
+        """The ``QuantState`` of the stored bytes, on the buffers' current device."""
+        return nf4.QuantState(self.packed, _float(self.absmax_bits), self.shape, self.orig_dtype,
+                              self.blocksize, nested_codes=self.nested_codes,
+                              nested_absmax=_float(self.nested_absmax_bits), offset=self.offset)
+
+    def dequantize(self, dtype=None):
+        """``W (N, K)`` in ``dtype`` (default ``compute_dtype``), bit-exact with ``minilora.nf4.dequantize``."""
+        return nf4.dequantize(self.quant_state(), self.compute_dtype if dtype is None else dtype)
+
+    def forward(self, x):
+        y = _DequantLinear.apply(x.to(self.compute_dtype), self)  # (..., N)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize="
+                f"{self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+
+class QLoraLinear(LoraLinear):
+    """``LoraLinear`` on a frozen ``NF4Linear``: the same forward, DoRA and merge math, with W dequantised.
+
+    ``QLoraLinear.from_linear(linear, blocksize, double_quant, compute_dtype, r=..., ...)`` quantises and wraps.
+    """
+
+    def __init__(self, base, **lora_kwargs):
+        if not isinstance(base, NF4Linear):
+            raise TypeError(f"QLoraLinear needs an NF4Linear base, got {type(base).__name__}; "
+                            f"use LoraLinear for a plain nn.Linear")
+        super().__init__(base, **lora_kwargs)
+
+    @classmethod
+    def from_linear(cls, linear, blocksize=DEFAULT_BLOCKSIZE, double_quant=False, compute_dtype=None,
+                    **lora_kwargs):
+        return cls(NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype), **lora_kwargs)
+
+    def base_weight(self):
+        """``dequant(W) (N, K)`` in the compute dtype (a fresh tensor each call, never cached)."""
+        return self.base.dequantize()
+
+
+def nf4_nbytes(layer):
+    """Bytes held by an ``NF4Linear``'s quantised weight (codes + statistics), for memory reports."""
+    return sum(int(np.prod(b.shape)) * b.element_size() for b in
+               (layer.packed, layer.absmax_bits, layer.nested_codes, layer.nested_absmax_bits) if b is not None)

@@ -51,13 +51,17 @@ def dora_forward(x, W, A, B, s, m, bias=None, fan_in_fan_out=False):
     return y if bias is None else y + np.asarray(bias, F64)
 
 
-def dora_merge_weight(W, A, B, s, m, fan_in_fan_out=False):
+def dora_merge_weight(W, A, B, s, m, fan_in_fan_out=False, adapted=None):
     """``W' = (m / n)[:, None] ⊙ (W + ΔW)`` rounded once to W's dtype. Returns ``(W', n)``: keep ``n``,
-    unmerging needs the norm of merge time (it cannot be recovered from ``W'``)."""
+    unmerging needs the norm of merge time (it cannot be recovered from ``W'``). ``adapted``: ``W + ΔW``
+    in float32 and W's layout when the caller already has it (the C merge kernel computes the same bits)."""
     N, _, _ = check_lora_shapes(W, A, B, fan_in_fan_out)
     if np.shape(m) != (N,):
         raise ValueError(f"DoRA magnitude must have shape ({N},), got {np.shape(m)}")
-    Wd = _adapted(W, A, B, s, fan_in_fan_out)  # (N, K)
+    if adapted is None:
+        Wd = _adapted(W, A, B, s, fan_in_fan_out)  # (N, K)
+    else:
+        Wd = adapted.T if fan_in_fan_out else adapted  # (N, K)
     n = _row_norm(Wd)  # (N,)
     factor = np.asarray(m, F32) / n  # (N,)
     out = factor[:, None] * Wd  # (N, K)

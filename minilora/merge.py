@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minilora import dora, lora
+from minilora import dora, lora, native
 from minilora.checkpoint import INDEX_NAME, Checkpoint, load_adapter, write_json
 from minilora.dtypes import dtype_from_name, is_float
 from minilora.errors import InputError
@@ -35,14 +35,24 @@ class Patch:
     role: str           # "weight" or "bias"
 
     def apply(self, W, sign):
+        """``(W', max |W' − W|)``: merge (``sign=+1``) or unmerge (``-1``) this patch with the C kernel
+        (bit-exact with ``minilora.lora`` / ``minilora.dora``)."""
         m, ffio = self.module, self.fan_in_fan_out or self.module.kind == "embedding"
         if self.role == "bias":
             delta = (np.float32(self.s) * m.bias.astype(np.float32)) * np.float32(sign)
-            return (W.astype(np.float32) + delta).astype(W.dtype), None
-        if m.magnitude is not None:  # plan_patches refuses DoRA unmerge
-            return dora.dora_merge_weight(W, m.A, m.B, self.s, m.magnitude, ffio)
-        fn = lora.merge_weight if sign > 0 else lora.unmerge_weight
-        return fn(W, m.A, m.B, self.s, ffio), None
+            out = (W.astype(np.float32) + delta).astype(W.dtype)
+            return out, float(np.max(np.abs(out.astype(np.float32) - W.astype(np.float32)), initial=0.0))
+        if m.magnitude is not None:  # DoRA (plan_patches refuses to unmerge it)
+            adapted = native.merge_weight_stats(W.astype(np.float32), m.A, m.B, self.s, ffio)[0]
+            out, _ = dora.dora_merge_weight(W, m.A, m.B, self.s, m.magnitude, ffio, adapted=adapted)
+            return out, float(np.max(np.abs(out.astype(np.float32) - W.astype(np.float32)), initial=0.0))
+        out, max_delta, bad, first = native.merge_weight_stats(W, m.A, m.B, np.float32(self.s) * np.float32(sign), ffio)
+        if bad:
+            index = tuple(int(i) for i in np.unravel_index(first, W.shape))
+            raise ValueError(f"{'merge' if sign > 0 else 'unmerge'} produced {bad} NaN/inf values (first at "
+                             f"index {index}) from finite base weights; the adapter or --scale is too large "
+                             f"for {W.dtype}")
+        return out, max_delta
 
 
 def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None):
@@ -155,13 +165,17 @@ def _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet
 
 
 def apply_patches(W, patches, sign, path, name):
-    """Apply (``sign=+1``) or remove (``sign=-1``, in reverse order) the patches of one tensor."""
+    """Apply (``sign=+1``) or remove (``sign=-1``, in reverse order) the patches of one tensor;
+    returns ``(W', max |W' − W|)``."""
+    W0, max_delta = W, 0.0
     for p in patches if sign > 0 else reversed(patches):
         try:
-            W, _ = p.apply(W, sign)
+            W, max_delta = p.apply(W, sign)
         except ValueError as e:
             raise InputError(str(e), path, name) from None
-    return W
+    if len(patches) > 1:  # the kernel reports one step; several adapters need the end-to-end change
+        max_delta = float(np.max(np.abs(W.astype(np.float32) - W0.astype(np.float32)), initial=0.0))
+    return W, max_delta
 
 
 def _process(reader, name, patches, replacement, out_dtype, sign):
@@ -174,11 +188,10 @@ def _process(reader, name, patches, replacement, out_dtype, sign):
     W = reader.get(name)
     if replacement is not None:
         W = replacement
-    W0 = W = W.astype(out_dtype) if is_float(W.dtype) else W
-    W = apply_patches(W, patches, sign, reader.path, name)
+    W0 = W = W.astype(out_dtype, copy=False) if is_float(W.dtype) else W
+    W, max_delta = apply_patches(W, patches, sign, reader.path, name)
     if patches:
-        diff = np.abs(W.astype(np.float64) - W0.astype(np.float64))
-        row["max_abs_delta"] = float(diff.max()) if diff.size else 0.0
+        row["max_abs_delta"] = max_delta
         if sign < 0:  # honest round trip: merging the result again, how far from the input are we?
             again = W
             for p in patches:

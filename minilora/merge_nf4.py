@@ -81,7 +81,7 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
     todo = patches.get(name, [])
     if name not in quantized:
         x = full[name] if name in full else reader.get(name)
-        x = apply_patches(x, todo, sign, reader.path, name) if todo else x
+        x = apply_patches(x, todo, sign, reader.path, name)[0] if todo else x
         if target is not None and not requantize and is_float(x.dtype):
             x = x.astype(target)
         return [(name, x, {"name": name, "dtype": str(x.dtype), "shape": list(x.shape),
@@ -91,7 +91,7 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
     if requantize and not todo:
         return [(name, reader.get(name), None)]
     W = nf4.dequantize(st)                                   # bit-exact with bitsandbytes
-    W_new = apply_patches(W, todo, sign, reader.path, name)
+    W_new, _ = apply_patches(W, todo, sign, reader.path, name)
     row = {"name": name, "shape": list(st.shape), "adapters": [p.adapter for p in todo],
            "scale": [p.s for p in todo], "bytes": W.nbytes}
     if todo:

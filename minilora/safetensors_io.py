@@ -14,6 +14,7 @@ directions against the ``safetensors`` package. Nothing here unpickles anything.
 import json
 import os
 import struct
+import sys
 import tempfile
 
 import ml_dtypes
@@ -197,8 +198,10 @@ class SafetensorsWriter:
             array = np.asarray(array)
             if array.dtype != dtype or array.shape != shape:
                 raise ValueError(f"{name}: declared {dtype} {shape}, got {array.dtype} {array.shape}")
-            raw = np.ascontiguousarray(array).astype(dtype.newbyteorder("<"), copy=False).tobytes()
-        elif len(raw) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            array = np.ascontiguousarray(array)
+            raw = array.view(np.uint8).data if sys.byteorder == "little" else array.astype(
+                dtype.newbyteorder("<")).tobytes()  # no copy on little-endian machines
+        elif len(memoryview(raw).cast("B")) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
             raise ValueError(f"{name}: raw data has {len(raw)} bytes, declared {dtype} {shape}")
         self._file.write(raw)
         self._next += 1

@@ -1,0 +1,227 @@
+/* LoRA merge: out = round_to_dtype(float32(W) + float32(s) * sum_r B[n,r] * A[r,k])   (minilora.lora).
+ *
+ * Delta:   acc = 0; for r = 0 .. R-1: acc = fmaf(B[n*R + r], A[r*K + k], acc);  d = acc * s   (float32)
+ *          - the float32 FMA chain in r order that torch's CPU matmul runs for PEFT (lora.delta_weight).
+ *          Unmerge passes -s: acc * (-s) == -(acc * s) exactly, so out = round(W - delta).
+ * Merge:   o = float32(W[n,k]) + d (one float32 rounding), then ONE rounding to the output dtype:
+ *          float32 as is; bfloat16 (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16; float16 IEEE RNE.
+ * Layout:  W, out (N, K) row-major, elements of `dtype` (float32, or uint16 bit patterns of bfloat16 /
+ *          float16); A (R, K) and B (N, R) float32 row-major. Conv1D / Embedding layouts (W stored (K, N))
+ *          call this with the roles swapped: W (K, N), A' = B^T (R, N), B' = A^T (K, R) - the same products
+ *          summed in the same order, so the same bits.
+ * Stats:   *max_abs_delta = max |float32(out) - float32(W)| over elements where both are finite;
+ *          *nonfinite = #elements where out is NaN / inf and W was finite; *first_nonfinite = the smallest
+ *          flat index of one (-1 if none). NaN inputs stay NaN (payload bits are not specified).
+ * Threads: rows are split between threads; every element is computed by the same statements.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include "minilora.h"
+
+static inline float f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t bits_from_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline float half_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF;
+    if (exp == 0x1F) return f32_from_bits(sign | 0x7F800000 | (mant << 13));
+    if (exp == 0) {                                    /* zero or subnormal: mant * 2^-24, exact */
+        float v = (float)mant * 5.9604644775390625e-08f;
+        return sign ? -v : v;
+    }
+    return f32_from_bits(sign | ((exp + 112) << 23) | (mant << 13));
+}
+
+static inline uint16_t f32_to_half(float f)
+{
+    uint32_t x = bits_from_f32(f), sign = (x >> 16) & 0x8000, ax = x & 0x7FFFFFFF;
+    if (ax > 0x7F800000) return (uint16_t)(sign | 0x7E00 | ((ax >> 13) & 0x3FF));   /* NaN stays NaN */
+    if (ax >= 0x477FF000) return (uint16_t)(sign | 0x7C00);            /* >= 65520 rounds to inf */
+    if (ax < 0x38800000) {                                             /* below 2^-14: subnormal half */
+        float scaled = f32_from_bits(ax) * 16777216.0f;                /* * 2^24, exact */
+        return (uint16_t)(sign | (uint32_t)nearbyintf(scaled));       /* round to nearest even */
+    }
+    uint32_t h = ((((ax >> 23) - 112) << 10) | ((ax & 0x7FFFFF) >> 13)), rest = ax & 0x1FFF;
+    if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++;             /* a carry into the exponent is right */
+    return (uint16_t)(sign | h);
+}
+
+static inline uint16_t f32_to_bf16(float f)
+{
+    uint32_t u = bits_from_f32(f);
+    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((u >> 16) | 0x40);   /* quiet NaN */
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+static inline float load_w(const void *W, int dtype, int64_t i)
+{
+    if (dtype == MINILORA_FLOAT32) return ((const float *)W)[i];
+    uint16_t h = ((const uint16_t *)W)[i];
+    return dtype == MINILORA_BFLOAT16 ? f32_from_bits((uint32_t)h << 16) : half_to_f32(h);
+}
+
+/* Store o rounded to dtype; return the stored value as float32. */
+static inline float store_out(void *out, int dtype, int64_t i, float o)
+{
+    if (dtype == MINILORA_FLOAT32) { ((float *)out)[i] = o; return o; }
+    if (dtype == MINILORA_BFLOAT16) {
+        uint16_t b = f32_to_bf16(o);
+        ((uint16_t *)out)[i] = b;
+        return f32_from_bits((uint32_t)b << 16);
+    }
+    uint16_t h = f32_to_half(o);
+    ((uint16_t *)out)[i] = h;
+    return half_to_f32(h);
+}
+
+typedef struct {
+    const void *W; void *out; const float *A, *B; int64_t N, K, R; float s; int dtype;
+    float max_delta[MINILORA_MAX_THREADS];
+    int64_t nonfinite[MINILORA_MAX_THREADS], first[MINILORA_MAX_THREADS];
+} merge_args;
+
+/* One element: the scalar statement of the reference, also the tail of the AVX2 rows. */
+static inline void merge_one(merge_args *a, int tid, int64_t n, int64_t k)
+{
+    const float *B_n = a->B + n * a->R;
+    float acc = 0.0f;
+    for (int64_t r = 0; r < a->R; r++) acc = fmaf(B_n[r], a->A[r * a->K + k], acc);
+    int64_t i = n * a->K + k;
+    float w = load_w(a->W, a->dtype, i);
+    float o = store_out(a->out, a->dtype, i, w + acc * a->s);
+    if (isfinite(w) && !isfinite(o)) {
+        if (a->nonfinite[tid]++ == 0 || i < a->first[tid]) a->first[tid] = i;
+    } else if (isfinite(w) && fabsf(o - w) > a->max_delta[tid]) {
+        a->max_delta[tid] = fabsf(o - w);
+    }
+}
+
+static void rows_ref(void *ctx, int tid, int64_t begin, int64_t end)
+{
+    merge_args *a = ctx;
+    for (int64_t n = begin; n < end; n++)
+        for (int64_t k = 0; k < a->K; k++) merge_one(a, tid, n, k);
+}
+
+enum { CHUNK = 512 };   /* columns per pass: the accumulators (2 KiB) stay in L1 */
+
+/* acc[k] = fmaf(B[n,r], A[r,k], acc[k]) for r = 0..R-1 over a chunk of columns: the same FMA chain per
+ * element as merge_one, but streaming through each row of A once (reading A column-wise with a stride of
+ * K floats would put R lines of a power-of-two stride into one L1 set). */
+__attribute__((target("avx2,fma,f16c")))
+static void rows_avx2(void *ctx, int tid, int64_t begin, int64_t end)
+{
+    merge_args *a = ctx;
+    const __m256 s8 = _mm256_set1_ps(a->s), sign_mask = _mm256_set1_ps(-0.0f);
+    const __m256 inf8 = _mm256_set1_ps(INFINITY);
+    __m256 maxd = _mm256_setzero_ps();
+    float acc[CHUNK] __attribute__((aligned(32)));
+    const int64_t K8 = a->K & ~(int64_t)7;
+    for (int64_t n = begin; n < end; n++) {
+        const float *B_n = a->B + n * a->R;
+        for (int64_t k0 = 0; k0 < K8; k0 += CHUNK) {
+            const int64_t len = K8 - k0 < CHUNK ? K8 - k0 : CHUNK;
+            for (int64_t j = 0; j < len; j += 8) _mm256_store_ps(acc + j, _mm256_setzero_ps());
+            for (int64_t r = 0; r < a->R; r++) {
+                const __m256 b = _mm256_set1_ps(B_n[r]);
+                const float *A_rk = a->A + r * a->K + k0;
+                for (int64_t j = 0; j < len; j += 8)
+                    _mm256_store_ps(acc + j, _mm256_fmadd_ps(b, _mm256_loadu_ps(A_rk + j), _mm256_load_ps(acc + j)));
+            }
+            for (int64_t j = 0; j < len; j += 8) {
+                const int64_t i = n * a->K + k0 + j;
+                /* w = load_w(W, dtype, i) */
+                __m256 w, ob;
+                if (a->dtype == MINILORA_FLOAT32) {
+                    w = _mm256_loadu_ps((const float *)a->W + i);
+                } else if (a->dtype == MINILORA_BFLOAT16) {
+                    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)a->W + i));
+                    w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+                } else {
+                    w = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)a->W + i)));
+                }
+                /* o = w + acc * s, then store_out */
+                __m256 o = _mm256_add_ps(w, _mm256_mul_ps(_mm256_load_ps(acc + j), s8));
+                if (a->dtype == MINILORA_FLOAT32) {
+                    _mm256_storeu_ps((float *)a->out + i, o);
+                    ob = o;
+                } else if (a->dtype == MINILORA_BFLOAT16) {
+                    /* f32_to_bf16: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN lanes -> (u >> 16) | 0x40 */
+                    __m256i u = _mm256_castps_si256(o);
+                    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+                    __m256i rnd = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+                    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(o, o, _CMP_UNORD_Q));
+                    __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+                    rnd = _mm256_blendv_epi8(rnd, qnan, nan);
+                    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rnd), _mm256_extracti128_si256(rnd, 1));
+                    _mm_storeu_si128((__m128i *)((uint16_t *)a->out + i), packed);
+                    ob = _mm256_castsi256_ps(_mm256_slli_epi32(rnd, 16));
+                } else {
+                    __m128i h = _mm256_cvtps_ph(o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    _mm_storeu_si128((__m128i *)((uint16_t *)a->out + i), h);
+                    ob = _mm256_cvtph_ps(h);
+                }
+                /* stats: finite w and non-finite out -> counted (scalar, rare); else max |ob - w| */
+                __m256 w_fin = _mm256_cmp_ps(_mm256_andnot_ps(sign_mask, w), inf8, _CMP_LT_OQ);
+                __m256 o_fin = _mm256_cmp_ps(_mm256_andnot_ps(sign_mask, ob), inf8, _CMP_LT_OQ);
+                int bad = _mm256_movemask_ps(_mm256_andnot_ps(o_fin, w_fin));
+                for (int l = 0; bad; l++, bad >>= 1)
+                    if (bad & 1) { if (a->nonfinite[tid]++ == 0 || i + l < a->first[tid]) a->first[tid] = i + l; }
+                __m256 d = _mm256_andnot_ps(sign_mask, _mm256_sub_ps(ob, w));
+                maxd = _mm256_max_ps(maxd, _mm256_and_ps(d, _mm256_and_ps(w_fin, o_fin)));
+            }
+        }
+        for (int64_t k = K8; k < a->K; k++) merge_one(a, tid, n, k);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, maxd);
+    for (int l = 0; l < 8; l++)
+        if (lanes[l] > a->max_delta[tid]) a->max_delta[tid] = lanes[l];
+}
+
+static int run(void (*rows)(void *, int, int64_t, int64_t), const void *W, int dtype, const float *A,
+               const float *B, int64_t N, int64_t K, int64_t R, float s, void *out,
+               float *max_abs_delta, int64_t *nonfinite, int64_t *first_nonfinite, int nthreads)
+{
+    if (N < 0 || K < 0 || R < 0 || (N * K > 0 && (!W || !out || !max_abs_delta || !nonfinite || !first_nonfinite))
+        || (R > 0 && K > 0 && !A) || (R > 0 && N > 0 && !B)
+        || (dtype != MINILORA_FLOAT32 && dtype != MINILORA_BFLOAT16 && dtype != MINILORA_FLOAT16))
+        return MINILORA_EINVAL;
+    merge_args a = {W, out, A, B, N, K, R, s, dtype, {0}, {0}, {0}};
+    int elem = dtype == MINILORA_FLOAT32 ? 4 : 2;
+    int t = minilora_resolve_threads(nthreads, N * K * (2 * elem) + R * K * 4);
+    int status = minilora_parallel_for(t, N, 1, rows, &a);
+    if (status != MINILORA_OK) return status;
+    *max_abs_delta = 0.0f; *nonfinite = 0; *first_nonfinite = -1;
+    for (int i = 0; i < MINILORA_MAX_THREADS; i++) {
+        if (a.max_delta[i] > *max_abs_delta) *max_abs_delta = a.max_delta[i];
+        if (a.nonfinite[i] && (*first_nonfinite < 0 || a.first[i] < *first_nonfinite)) *first_nonfinite = a.first[i];
+        *nonfinite += a.nonfinite[i];
+    }
+    return MINILORA_OK;
+}
+
+int minilora_lora_merge_ref(const void *W, int dtype, const float *A, const float *B, int64_t N, int64_t K,
+                            int64_t R, float s, void *out, float *max_abs_delta, int64_t *nonfinite,
+                            int64_t *first_nonfinite, int nthreads)
+{
+    return run(rows_ref, W, dtype, A, B, N, K, R, s, out, max_abs_delta, nonfinite, first_nonfinite, nthreads);
+}
+
+int minilora_lora_merge_avx2(const void *W, int dtype, const float *A, const float *B, int64_t N, int64_t K,
+                             int64_t R, float s, void *out, float *max_abs_delta, int64_t *nonfinite,
+                             int64_t *first_nonfinite, int nthreads)
+{
+    if (!minilora_cpu_has_avx2()) return MINILORA_ENOCPU;
+    return run(rows_avx2, W, dtype, A, B, N, K, R, s, out, max_abs_delta, nonfinite, first_nonfinite, nthreads);
+}
+
+int minilora_lora_merge(const void *W, int dtype, const float *A, const float *B, int64_t N, int64_t K,
+                        int64_t R, float s, void *out, float *max_abs_delta, int64_t *nonfinite,
+                        int64_t *first_nonfinite, int nthreads)
+{
+    return (minilora_cpu_has_avx2() ? minilora_lora_merge_avx2 : minilora_lora_merge_ref)(
+        W, dtype, A, B, N, K, R, s, out, max_abs_delta, nonfinite, first_nonfinite, nthreads);
+}

@@ -49,13 +49,16 @@ def cli():
 
 
 def _register():
+    from .arithmetic import combine, extract, resize
     from .demo import demo
     from .diff import diff
     from .inspect_cmd import inspect
     from .merge import merge, unmerge
     from .quantize import dequantize, quantize
+    from .train import generate, train
 
-    for command in (demo, merge, unmerge, quantize, dequantize, inspect, diff):
+    for command in (demo, merge, unmerge, quantize, dequantize, inspect, diff, combine, resize, extract,
+                    train, generate):
         cli.add_command(command)
 
 

@@ -172,7 +172,8 @@ def merge_weight(W, A, B, s, fan_in_fan_out=False):
     Raises ValueError if the merge turns finite weights into NaN/inf. W is not modified.
     """
     check_lora_shapes(W, A, B, fan_in_fan_out)
-    out = (W.astype(F32) + delta_weight(A, B, s, fan_in_fan_out)).astype(W.dtype)  # W's shape
+    with np.errstate(over="ignore"):  # overflow to inf is reported by _check_finite
+        out = (W.astype(F32) + delta_weight(A, B, s, fan_in_fan_out)).astype(W.dtype)  # W's shape
     _check_finite(out, W, "merge")
     return out
 

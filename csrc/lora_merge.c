@@ -12,6 +12,9 @@
  * Stats:   *max_abs_delta = max |float32(out) - float32(W)| over elements where both are finite;
  *          *nonfinite = #elements where out is NaN / inf and W was finite; *first_nonfinite = the smallest
  *          flat index of one (-1 if none). NaN inputs stay NaN (payload bits are not specified).
+ * Scratch: the AVX2 variant packs A once into 8-column panels, panel[(g*R + r)*8 + l] = A[r, 8g + l], so
+ *          that a row reads A contiguously (A's rows a power-of-two apart would share one L1 set); the
+ *          caller passes R * (K - K % 8) floats (minilora_lora_merge_scratch_floats).
  * Threads: rows are split between threads; every element is computed by the same statements.
  */
 #include <immintrin.h>
@@ -77,7 +80,7 @@ static inline float store_out(void *out, int dtype, int64_t i, float o)
 }
 
 typedef struct {
-    const void *W; void *out; const float *A, *B; int64_t N, K, R; float s; int dtype;
+    const void *W; void *out; const float *A, *B; int64_t N, K, R; float s; int dtype; const float *panel;
     float max_delta[MINILORA_MAX_THREADS];
     int64_t nonfinite[MINILORA_MAX_THREADS], first[MINILORA_MAX_THREADS];
 } merge_args;
@@ -105,75 +108,86 @@ static void rows_ref(void *ctx, int tid, int64_t begin, int64_t end)
         for (int64_t k = 0; k < a->K; k++) merge_one(a, tid, n, k);
 }
 
-enum { CHUNK = 512 };   /* columns per pass: the accumulators (2 KiB) stay in L1 */
+/* Finish 8 elements W[i .. i+8) from their 8 FMA sums: o = w + acc * s, store_out, and the statistics.
+ * The vector form of the last four lines of merge_one. */
+__attribute__((target("avx2,fma,f16c")))
+static inline void finish8(merge_args *a, int tid, int64_t i, __m256 acc, __m256 *maxd)
+{
+    const __m256 sign_mask = _mm256_set1_ps(-0.0f), inf8 = _mm256_set1_ps(INFINITY);
+    __m256 w, ob;
+    if (a->dtype == MINILORA_FLOAT32) {                      /* w = load_w(W, dtype, i) */
+        w = _mm256_loadu_ps((const float *)a->W + i);
+    } else if (a->dtype == MINILORA_BFLOAT16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)a->W + i));
+        w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else {
+        w = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)a->W + i)));
+    }
+    __m256 o = _mm256_add_ps(w, _mm256_mul_ps(acc, _mm256_set1_ps(a->s)));   /* o = w + acc * s */
+    if (a->dtype == MINILORA_FLOAT32) {
+        _mm256_storeu_ps((float *)a->out + i, o);
+        ob = o;
+    } else if (a->dtype == MINILORA_BFLOAT16) {
+        /* f32_to_bf16: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN lanes -> (u >> 16) | 0x40 */
+        __m256i u = _mm256_castps_si256(o);
+        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i rnd = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(o, o, _CMP_UNORD_Q));
+        __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+        rnd = _mm256_blendv_epi8(rnd, qnan, nan);
+        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rnd), _mm256_extracti128_si256(rnd, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)a->out + i), packed);
+        ob = _mm256_castsi256_ps(_mm256_slli_epi32(rnd, 16));
+    } else {
+        __m128i h = _mm256_cvtps_ph(o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)((uint16_t *)a->out + i), h);
+        ob = _mm256_cvtph_ps(h);
+    }
+    /* statistics: finite w with non-finite out is counted (scalar, rare); else max |ob - w| */
+    __m256 w_fin = _mm256_cmp_ps(_mm256_andnot_ps(sign_mask, w), inf8, _CMP_LT_OQ);
+    __m256 o_fin = _mm256_cmp_ps(_mm256_andnot_ps(sign_mask, ob), inf8, _CMP_LT_OQ);
+    int bad = _mm256_movemask_ps(_mm256_andnot_ps(o_fin, w_fin));
+    for (int l = 0; bad; l++, bad >>= 1)
+        if (bad & 1) { if (a->nonfinite[tid]++ == 0 || i + l < a->first[tid]) a->first[tid] = i + l; }
+    __m256 d = _mm256_andnot_ps(sign_mask, _mm256_sub_ps(ob, w));
+    *maxd = _mm256_max_ps(*maxd, _mm256_and_ps(d, _mm256_and_ps(w_fin, o_fin)));
+}
 
-/* acc[k] = fmaf(B[n,r], A[r,k], acc[k]) for r = 0..R-1 over a chunk of columns: the same FMA chain per
- * element as merge_one, but streaming through each row of A once (reading A column-wise with a stride of
- * K floats would put R lines of a power-of-two stride into one L1 set). */
+/* acc = fmaf(B[n,r], A[r,k], acc) for r = 0..R-1, eight columns per vector, four vectors (32 columns) per
+ * pass with named accumulators (an accumulator array would be spilled by GCC 12). The panel keeps the R
+ * rows of A for one 8-column group contiguous. */
 __attribute__((target("avx2,fma,f16c")))
 static void rows_avx2(void *ctx, int tid, int64_t begin, int64_t end)
 {
     merge_args *a = ctx;
-    const __m256 s8 = _mm256_set1_ps(a->s), sign_mask = _mm256_set1_ps(-0.0f);
-    const __m256 inf8 = _mm256_set1_ps(INFINITY);
+    const int64_t R = a->R, G = a->K / 8;                      /* G full 8-column groups */
     __m256 maxd = _mm256_setzero_ps();
-    float acc[CHUNK] __attribute__((aligned(32)));
-    const int64_t K8 = a->K & ~(int64_t)7;
     for (int64_t n = begin; n < end; n++) {
-        const float *B_n = a->B + n * a->R;
-        for (int64_t k0 = 0; k0 < K8; k0 += CHUNK) {
-            const int64_t len = K8 - k0 < CHUNK ? K8 - k0 : CHUNK;
-            for (int64_t j = 0; j < len; j += 8) _mm256_store_ps(acc + j, _mm256_setzero_ps());
-            for (int64_t r = 0; r < a->R; r++) {
+        const float *B_n = a->B + n * R;
+        int64_t g = 0;
+        for (; g + 4 <= G; g += 4) {
+            const float *p0 = a->panel + g * R * 8, *p1 = p0 + R * 8, *p2 = p1 + R * 8, *p3 = p2 + R * 8;
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+            for (int64_t r = 0; r < R; r++) {
                 const __m256 b = _mm256_set1_ps(B_n[r]);
-                const float *A_rk = a->A + r * a->K + k0;
-                for (int64_t j = 0; j < len; j += 8)
-                    _mm256_store_ps(acc + j, _mm256_fmadd_ps(b, _mm256_loadu_ps(A_rk + j), _mm256_load_ps(acc + j)));
+                acc0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(p0 + r * 8), acc0);
+                acc1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(p1 + r * 8), acc1);
+                acc2 = _mm256_fmadd_ps(b, _mm256_loadu_ps(p2 + r * 8), acc2);
+                acc3 = _mm256_fmadd_ps(b, _mm256_loadu_ps(p3 + r * 8), acc3);
             }
-            for (int64_t j = 0; j < len; j += 8) {
-                const int64_t i = n * a->K + k0 + j;
-                /* w = load_w(W, dtype, i) */
-                __m256 w, ob;
-                if (a->dtype == MINILORA_FLOAT32) {
-                    w = _mm256_loadu_ps((const float *)a->W + i);
-                } else if (a->dtype == MINILORA_BFLOAT16) {
-                    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)a->W + i));
-                    w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-                } else {
-                    w = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)a->W + i)));
-                }
-                /* o = w + acc * s, then store_out */
-                __m256 o = _mm256_add_ps(w, _mm256_mul_ps(_mm256_load_ps(acc + j), s8));
-                if (a->dtype == MINILORA_FLOAT32) {
-                    _mm256_storeu_ps((float *)a->out + i, o);
-                    ob = o;
-                } else if (a->dtype == MINILORA_BFLOAT16) {
-                    /* f32_to_bf16: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN lanes -> (u >> 16) | 0x40 */
-                    __m256i u = _mm256_castps_si256(o);
-                    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-                    __m256i rnd = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-                    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(o, o, _CMP_UNORD_Q));
-                    __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-                    rnd = _mm256_blendv_epi8(rnd, qnan, nan);
-                    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rnd), _mm256_extracti128_si256(rnd, 1));
-                    _mm_storeu_si128((__m128i *)((uint16_t *)a->out + i), packed);
-                    ob = _mm256_castsi256_ps(_mm256_slli_epi32(rnd, 16));
-                } else {
-                    __m128i h = _mm256_cvtps_ph(o, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                    _mm_storeu_si128((__m128i *)((uint16_t *)a->out + i), h);
-                    ob = _mm256_cvtph_ps(h);
-                }
-                /* stats: finite w and non-finite out -> counted (scalar, rare); else max |ob - w| */
-                __m256 w_fin = _mm256_cmp_ps(_mm256_andnot_ps(sign_mask, w), inf8, _CMP_LT_OQ);
-                __m256 o_fin = _mm256_cmp_ps(_mm256_andnot_ps(sign_mask, ob), inf8, _CMP_LT_OQ);
-                int bad = _mm256_movemask_ps(_mm256_andnot_ps(o_fin, w_fin));
-                for (int l = 0; bad; l++, bad >>= 1)
-                    if (bad & 1) { if (a->nonfinite[tid]++ == 0 || i + l < a->first[tid]) a->first[tid] = i + l; }
-                __m256 d = _mm256_andnot_ps(sign_mask, _mm256_sub_ps(ob, w));
-                maxd = _mm256_max_ps(maxd, _mm256_and_ps(d, _mm256_and_ps(w_fin, o_fin)));
-            }
+            const int64_t i = n * a->K + g * 8;
+            finish8(a, tid, i, acc0, &maxd);
+            finish8(a, tid, i + 8, acc1, &maxd);
+            finish8(a, tid, i + 16, acc2, &maxd);
+            finish8(a, tid, i + 24, acc3, &maxd);
         }
-        for (int64_t k = K8; k < a->K; k++) merge_one(a, tid, n, k);
+        for (; g < G; g++) {
+            const float *p = a->panel + g * R * 8;
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t r = 0; r < R; r++) acc = _mm256_fmadd_ps(_mm256_set1_ps(B_n[r]), _mm256_loadu_ps(p + r * 8), acc);
+            finish8(a, tid, n * a->K + g * 8, acc, &maxd);
+        }
+        for (int64_t k = G * 8; k < a->K; k++) merge_one(a, tid, n, k);
     }
     float lanes[8];
     _mm256_storeu_ps(lanes, maxd);
@@ -181,15 +195,26 @@ static void rows_avx2(void *ctx, int tid, int64_t begin, int64_t end)
         if (lanes[l] > a->max_delta[tid]) a->max_delta[tid] = lanes[l];
 }
 
+int64_t minilora_lora_merge_scratch_floats(int64_t K, int64_t R)
+{
+    return K < 0 || R < 0 ? 0 : R * (K - K % 8);
+}
+
 static int run(void (*rows)(void *, int, int64_t, int64_t), const void *W, int dtype, const float *A,
                const float *B, int64_t N, int64_t K, int64_t R, float s, void *out,
-               float *max_abs_delta, int64_t *nonfinite, int64_t *first_nonfinite, int nthreads)
+               float *max_abs_delta, int64_t *nonfinite, int64_t *first_nonfinite, int nthreads,
+               float *scratch, int64_t scratch_floats)
 {
     if (N < 0 || K < 0 || R < 0 || (N * K > 0 && (!W || !out || !max_abs_delta || !nonfinite || !first_nonfinite))
         || (R > 0 && K > 0 && !A) || (R > 0 && N > 0 && !B)
         || (dtype != MINILORA_FLOAT32 && dtype != MINILORA_BFLOAT16 && dtype != MINILORA_FLOAT16))
         return MINILORA_EINVAL;
-    merge_args a = {W, out, A, B, N, K, R, s, dtype, {0}, {0}, {0}};
+    if (rows == rows_avx2 && scratch_floats < minilora_lora_merge_scratch_floats(K, R)) return MINILORA_EINVAL;
+    if (rows == rows_avx2)                                     /* pack A into 8-column panels */
+        for (int64_t g = 0; g < K / 8; g++)
+            for (int64_t r = 0; r < R; r++)
+                memcpy(scratch + (g * R + r) * 8, A + r * K + g * 8, 8 * sizeof(float));
+    merge_args a = {W, out, A, B, N, K, R, s, dtype, scratch, {0}, {0}, {0}};
     int elem = dtype == MINILORA_FLOAT32 ? 4 : 2;
     int t = minilora_resolve_threads(nthreads, N * K * (2 * elem) + R * K * 4);
     int status = minilora_parallel_for(t, N, 1, rows, &a);
@@ -205,23 +230,25 @@ static int run(void (*rows)(void *, int, int64_t, int64_t), const void *W, int d
 
 int minilora_lora_merge_ref(const void *W, int dtype, const float *A, const float *B, int64_t N, int64_t K,
                             int64_t R, float s, void *out, float *max_abs_delta, int64_t *nonfinite,
-                            int64_t *first_nonfinite, int nthreads)
+                            int64_t *first_nonfinite, int nthreads, float *scratch, int64_t scratch_floats)
 {
-    return run(rows_ref, W, dtype, A, B, N, K, R, s, out, max_abs_delta, nonfinite, first_nonfinite, nthreads);
+    return run(rows_ref, W, dtype, A, B, N, K, R, s, out, max_abs_delta, nonfinite, first_nonfinite, nthreads,
+               scratch, scratch_floats);
 }
 
 int minilora_lora_merge_avx2(const void *W, int dtype, const float *A, const float *B, int64_t N, int64_t K,
                              int64_t R, float s, void *out, float *max_abs_delta, int64_t *nonfinite,
-                             int64_t *first_nonfinite, int nthreads)
+                             int64_t *first_nonfinite, int nthreads, float *scratch, int64_t scratch_floats)
 {
     if (!minilora_cpu_has_avx2()) return MINILORA_ENOCPU;
-    return run(rows_avx2, W, dtype, A, B, N, K, R, s, out, max_abs_delta, nonfinite, first_nonfinite, nthreads);
+    return run(rows_avx2, W, dtype, A, B, N, K, R, s, out, max_abs_delta, nonfinite, first_nonfinite, nthreads,
+               scratch, scratch_floats);
 }
 
 int minilora_lora_merge(const void *W, int dtype, const float *A, const float *B, int64_t N, int64_t K,
                         int64_t R, float s, void *out, float *max_abs_delta, int64_t *nonfinite,
-                        int64_t *first_nonfinite, int nthreads)
+                        int64_t *first_nonfinite, int nthreads, float *scratch, int64_t scratch_floats)
 {
     return (minilora_cpu_has_avx2() ? minilora_lora_merge_avx2 : minilora_lora_merge_ref)(
-        W, dtype, A, B, N, K, R, s, out, max_abs_delta, nonfinite, first_nonfinite, nthreads);
+        W, dtype, A, B, N, K, R, s, out, max_abs_delta, nonfinite, first_nonfinite, nthreads, scratch, scratch_floats);
 }

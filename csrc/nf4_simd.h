@@ -1,0 +1,104 @@
+/* Inline AVX2 helpers shared by nf4.c, nf4_matmul.c and nf4_gemm.c (internal; not part of the C API).
+ *
+ * nf4_decode32: 16 packed bytes (32 codes, element 2k in the HIGH nibble of byte k) -> 32 float32 NF4
+ * values in element order, as four __m256. The "byte-plane" trick of spec/kernels.md: vpshufb looks a
+ * code up in a 16-entry byte table, so each of the 4 bytes of the float32 NF4 value has its own table
+ * (plane k = byte k of NF4[c]); unpacking the 4 looked-up planes re-assembles the float32 bit patterns.
+ */
+#ifndef MINILORA_NF4_SIMD_H
+#define MINILORA_NF4_SIMD_H
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#include "minilora.h"
+#include "minilora_tables.h"
+
+#define NF4_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+struct nf4_planes {
+    __m256i plane[4];      /* plane[k] byte c = byte k of the float32 NF4[c], in both 128-bit lanes */
+    __m256i select;        /* which packed byte each code position reads (see nf4_decode32) */
+    __m256i hi_nibble;     /* 0x00F0 per 16-bit word: keeps the high nibble of the even byte */
+    __m256i lo_nibble;     /* 0x0F00 per 16-bit word: keeps the low nibble of the odd byte */
+};
+
+static inline NF4_AVX2 struct nf4_planes nf4_planes_load(void)
+{
+    uint8_t bytes[4][16];
+    for (int c = 0; c < 16; c++) {
+        uint32_t bits;
+        memcpy(&bits, &MINILORA_NF4[c], 4);
+        for (int k = 0; k < 4; k++) bytes[k][c] = (uint8_t)(bits >> (8 * k));
+    }
+    struct nf4_planes t;
+    for (int k = 0; k < 4; k++)
+        t.plane[k] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)bytes[k]));
+    t.select = _mm256_setr_epi8(0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13,
+                                2, 2, 3, 3, 6, 6, 7, 7, 10, 10, 11, 11, 14, 14, 15, 15);
+    t.hi_nibble = _mm256_set1_epi16(0x00F0);
+    t.lo_nibble = _mm256_set1_epi16(0x0F00);
+    return t;
+}
+
+/* Replaces, for j = 0..31:  code = (j & 1) ? byte[j/2] & 0x0F : byte[j/2] >> 4;  f[j] = NF4[code]. */
+static inline NF4_AVX2 void nf4_decode32(const uint8_t *p, const struct nf4_planes *t, __m256 f[4])
+{
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    /* Each byte twice; lane 0 takes bytes {0,1,4,5,8,9,12,13}, lane 1 bytes {2,3,6,7,10,11,14,15}, so that
+     * after the unpacks below float lane i of f[q] is element 8q + i. */
+    __m256i s = _mm256_shuffle_epi8(v, t->select);
+    __m256i c = _mm256_or_si256(_mm256_srli_epi16(_mm256_and_si256(s, t->hi_nibble), 4),
+                                _mm256_and_si256(s, t->lo_nibble));   /* even byte: hi nibble, odd: lo */
+    __m256i b0 = _mm256_shuffle_epi8(t->plane[0], c), b1 = _mm256_shuffle_epi8(t->plane[1], c);
+    __m256i b2 = _mm256_shuffle_epi8(t->plane[2], c), b3 = _mm256_shuffle_epi8(t->plane[3], c);
+    __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), lo23 = _mm256_unpacklo_epi8(b2, b3);
+    __m256i hi01 = _mm256_unpackhi_epi8(b0, b1), hi23 = _mm256_unpackhi_epi8(b2, b3);
+    f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));   /* elements 0..7 */
+    f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));   /* 8..15 */
+    f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));   /* 16..23 */
+    f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));   /* 24..31 */
+}
+
+/* Replaces packed[k] = code[2k] << 4 | code[2k+1] for k = 0..15; c0..c3 hold codes 0-7, ..., 24-31 (int32). */
+static inline NF4_AVX2 __m128i pack_codes32(__m256i c0, __m256i c1, __m256i c2, __m256i c3)
+{
+    __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(c0, c1), _mm256_packs_epi32(c2, c3));
+    b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));   /* bytes in order */
+    __m256i w = _mm256_maddubs_epi16(b, _mm256_set1_epi16(0x0110));              /* 16*even + odd */
+    return _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+}
+
+static inline NF4_AVX2 float hmax_ps(__m256 v)
+{
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+static inline NF4_AVX2 float hsum_ps(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Replaces store_dequant(out, dtype, j + i, w[i]) for i = 0..7 (the same roundings). */
+static inline NF4_AVX2 void store8(void *out, int dtype, int64_t j, __m256 w)
+{
+    if (dtype == MINILORA_FLOAT32) {
+        _mm256_storeu_ps((float *)out + j, w);
+    } else if (dtype == MINILORA_BFLOAT16) {
+        __m256i bits = _mm256_castps_si256(w);                    /* (bits + 0x7FFF + bit16) >> 16 */
+        __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd), 16);
+        __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + j), h);
+    } else {
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + j), _mm256_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT));
+    }
+}
+
+#endif

@@ -1,0 +1,296 @@
+"""The C kernels (``csrc/``), wrapped: validate -> marshal -> call -> check. No math here.
+
+Same function names and signatures as the NumPy reference (``minilora.nf4``, ``minilora.double_quant``),
+plus two keywords:
+
+``variant``      ``"auto"`` (the C dispatcher: AVX2 + FMA + F16C when the CPU has them, else the scalar
+                 reference), ``"ref"`` (the scalar C reference) or ``"avx2"`` (raises ``RuntimeError`` on a
+                 CPU without AVX2; never a silent fallback). ``MINILORA_FORCE_REF=1`` in the environment
+                 turns ``"auto"`` into ``"ref"``; an explicit ``variant`` wins over it.
+``num_threads``  None -> ``MINILORA_NUM_THREADS`` from the environment, else automatic (1 thread for small
+                 inputs, 2 for large ones). No result bit of quantise / dequantise / double quantisation
+                 depends on it, nor any matmul output (the split is over N).
+
+Bit-exact with the reference: ``quantize_nf4``, ``dequantize_nf4`` (float32, bfloat16, float16 out),
+``double_quantize``, ``dequantize_absmax``. ``matmul_nf4`` returns float32 accumulated in float32 (the
+reference returns float64): |out - ref| <= gamma_K * (|x| @ |dequant(W)|.T), gamma_K = K u / (1 - K u),
+u = 2**-24. Inputs in float16 / bfloat16 are widened to float32 first (exact), as the reference does.
+Not here: FP4 (NumPy only) and ``matmul_nf4`` with ``K % blocksize != 0`` (ValueError; use the reference).
+"""
+import os
+
+import ml_dtypes
+import numpy as np
+
+from minilora._native import ffi, lib
+from minilora.tables import ALLOWED_BLOCKSIZES, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE
+
+VARIANTS = ("auto", "ref", "avx2")
+_IN_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+_OUT_CODES = {np.dtype(np.float32): lib.MINILORA_FLOAT32, np.dtype(ml_dtypes.bfloat16): lib.MINILORA_BFLOAT16,
+              np.dtype(np.float16): lib.MINILORA_FLOAT16}
+
+
+def has_avx2():
+    """True when this CPU runs the AVX2 + FMA + F16C kernels."""
+    return bool(lib.minilora_cpu_has_avx2())
+
+
+def available_variants():
+    """The concrete variants this CPU can run: ``("ref",)`` or ``("ref", "avx2")``."""
+    return ("ref", "avx2") if has_avx2() else ("ref",)
+
+
+# ---------------------------------------------------------------- variant, threads, status
+def _kernel(name, variant, simd=True):
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "auto" and os.environ.get("MINILORA_FORCE_REF") == "1":
+        variant = "ref"
+    if variant == "avx2":
+        if not simd:
+            raise ValueError(f"{name} has only a scalar C kernel; use variant='auto' or 'ref'")
+        if not has_avx2():
+            raise RuntimeError(f"variant='avx2' asked for {name}, but this CPU lacks AVX2 + FMA + F16C")
+    suffix = {"auto": "", "ref": "_ref", "avx2": "_avx2"}[variant] if simd else ""
+    return getattr(lib, f"minilora_{name}{suffix}")
+
+
+def _threads(num_threads):
+    if num_threads is None:
+        env = os.environ.get("MINILORA_NUM_THREADS", "").strip()
+        if not env:
+            return 0
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"MINILORA_NUM_THREADS must be a positive integer, got {env!r}")
+        return int(env)
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    return int(num_threads)
+
+
+def _check(status, name):
+    if status == lib.MINILORA_ENOCPU:
+        raise RuntimeError(f"{name}: this CPU lacks AVX2 + FMA + F16C")
+    if status != lib.MINILORA_OK:
+        raise RuntimeError(f"{name} returned status {status}: the wrapper should have rejected these arguments")
+
+
+def _ptr(ctype, array):
+    return ffi.from_buffer(f"{ctype}[]", array) if array.size else ffi.NULL
+
+
+# ---------------------------------------------------------------- validation (messages as minilora.nf4)
+def _check_blocksize(blocksize):
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)):
+        raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
+    if int(blocksize) not in ALLOWED_BLOCKSIZES:
+        raise ValueError(f"blocksize={blocksize} is not allowed; use one of {ALLOWED_BLOCKSIZES}")
+    return int(blocksize)
+
+
+def _float32_input(x, name):
+    """float32/float16/bfloat16 ndarray -> C-contiguous float32 (a view when it already is one)."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy ndarray, got {type(x).__name__}")
+    if x.dtype not in _IN_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got dtype {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.float32)  # float16 / bfloat16 widen exactly
+
+
+def _typed(arr, dtype, name):
+    if not isinstance(arr, np.ndarray) or arr.dtype != dtype:
+        got = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise TypeError(f"{name} must be a {np.dtype(dtype).name} ndarray, got {got}")
+    return np.ascontiguousarray(arr).reshape(-1)
+
+
+def _check_state(packed, absmax, shape, blocksize):
+    blocksize = _check_blocksize(blocksize)
+    try:
+        shape = tuple(int(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"shape must be a tuple of ints, got {shape!r}") from None
+    n = int(np.prod(shape, dtype=np.int64))
+    if any(d < 0 for d in shape) or n == 0:
+        raise ValueError(f"shape {shape} must have positive size")
+    packed = _typed(packed, np.uint8, "packed")
+    if packed.size != (n + 1) // 2:
+        raise ValueError(f"packed has {packed.size} bytes; shape {shape} needs (n+1)//2 = {(n + 1) // 2}")
+    absmax = _typed(absmax, np.float32, "absmax")
+    nblocks = -(-n // blocksize)
+    if absmax.size != nblocks:
+        raise ValueError(f"absmax has {absmax.size} entries; n={n} with blocksize={blocksize} "
+                         f"needs ceil(n/blocksize) = {nblocks}")
+    return packed, absmax, shape, n, blocksize
+
+
+def _f32_vector(arr, name):
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name} must be a numpy ndarray of float32, got {type(arr).__name__}")
+    if arr.dtype != np.float32:
+        raise TypeError(f"{name} must be float32, got dtype {arr.dtype}")
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def _f32_scalar(value, name):
+    if not isinstance(value, (int, float, np.floating)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float (ideally np.float32), got {type(value).__name__}")
+    out = np.float32(value)
+    if np.isfinite(out) and float(out) != float(value):
+        raise ValueError(f"{name}={value!r} is not exactly representable in float32; pass the stored float32 value")
+    return out
+
+
+# ---------------------------------------------------------------- the kernels
+def quantize_nf4(x, blocksize=DEFAULT_BLOCKSIZE, *, variant="auto", num_threads=None):
+    """NF4-quantise ``x`` (any shape) -> packed uint8 ((n+1)//2, 1), absmax float32 (nblocks,)."""
+    fn = _kernel("quantize_nf4", variant)
+    blocksize = _check_blocksize(blocksize)
+    xf = _float32_input(x, "x").reshape(-1)  # (n,)
+    if xf.size == 0:
+        raise ValueError(f"x is empty (shape {x.shape}); nothing to quantise")
+    n = xf.size
+    packed = np.empty(((n + 1) // 2, 1), dtype=np.uint8)  # ((n+1)//2, 1)
+    absmax = np.empty(-(-n // blocksize), dtype=np.float32)  # (nblocks,)
+    status = fn(_ptr("float", xf), n, blocksize, _ptr("uint8_t", packed), _ptr("float", absmax),
+                _threads(num_threads))
+    _check(status, "quantize_nf4")
+    return packed, absmax
+
+
+def dequantize_nf4(packed, absmax, shape, dtype=np.float32, blocksize=DEFAULT_BLOCKSIZE, *,
+                   variant="auto", num_threads=None):
+    """out[j] = cast(dtype, float32(NF4[code[j]] * absmax[j // blocksize])), reshaped to ``shape``."""
+    fn = _kernel("dequantize_nf4", variant)
+    packed, absmax, shape, n, blocksize = _check_state(packed, absmax, shape, blocksize)
+    dt = np.dtype(dtype)
+    if dt not in _OUT_CODES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dt}")
+    out = np.empty(n, dtype=dt)  # (n,)
+    raw = out if dt == np.float32 else out.view(np.uint16)
+    status = fn(_ptr("uint8_t", packed), _ptr("float", absmax), n, blocksize,
+                _ptr("float" if dt == np.float32 else "uint16_t", raw), _OUT_CODES[dt], _threads(num_threads))
+    _check(status, "dequantize_nf4")
+    return out.reshape(shape)  # shape
+
+
+def double_quantize(absmax, offset=None, *, variant="auto"):
+    """absmax float32 (nblocks,) -> codes uint8 (nblocks,), nested_absmax float32 (ceil(nblocks/256),), offset.
+
+    ``offset=None`` takes the float32 nearest to the exact mean (``minilora_exact_mean_f32``).
+    """
+    fn = _kernel("double_quantize", variant, simd=False)
+    absmax = _f32_vector(absmax, "absmax")
+    if offset is None:
+        mean = ffi.new("float *")
+        _check(lib.minilora_exact_mean_f32(_ptr("float", absmax), absmax.size, mean), "exact_mean_f32")
+        offset = mean[0]
+    offset = _f32_scalar(offset, "offset")
+    codes = np.empty(absmax.size, dtype=np.uint8)  # (nblocks,)
+    nested = np.empty(-(-absmax.size // NESTED_BLOCKSIZE), dtype=np.float32)  # (ceil(nblocks/256),)
+    status = fn(_ptr("float", absmax), absmax.size, float(offset), _ptr("uint8_t", codes), _ptr("float", nested))
+    _check(status, "double_quantize")
+    return codes, nested, offset
+
+
+def dequantize_absmax(codes, nested_absmax, offset, *, variant="auto"):
+    """absmax[b] = float32(float32(DYN[codes[b]] * nested_absmax[b // 256]) + offset); float32 (nblocks,)."""
+    fn = _kernel("dequantize_absmax", variant, simd=False)
+    if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8:
+        got = codes.dtype if isinstance(codes, np.ndarray) else type(codes).__name__
+        raise TypeError(f"codes must be a uint8 ndarray, got {got}")
+    if codes.ndim != 1 or codes.size == 0:
+        raise ValueError(f"codes must be a non-empty 1-D array, got shape {codes.shape}")
+    nested_absmax = _f32_vector(nested_absmax, "nested_absmax")
+    need = -(-codes.size // NESTED_BLOCKSIZE)
+    if nested_absmax.size != need:
+        raise ValueError(f"nested_absmax has {nested_absmax.size} entries; {codes.size} codes need "
+                         f"ceil({codes.size}/{NESTED_BLOCKSIZE}) = {need}")
+    offset = _f32_scalar(offset, "offset")
+    codes = np.ascontiguousarray(codes)
+    out = np.empty(codes.size, dtype=np.float32)  # (nblocks,)
+    status = fn(_ptr("uint8_t", codes), _ptr("float", nested_absmax), codes.size, float(offset), _ptr("float", out))
+    _check(status, "dequantize_absmax")
+    return out
+
+
+def matmul_nf4(x, packed, absmax, N, K, blocksize=DEFAULT_BLOCKSIZE, *, variant="auto", num_threads=None):
+    """y = x @ dequant(W).T with W (N, K) NF4: x (M, K) -> y float32 (M, N), accumulated in float32."""
+    fn = _kernel("matmul_nf4", variant)
+    if not isinstance(x, np.ndarray) or x.dtype not in _IN_DTYPES:
+        raise TypeError(f"x must be a float32/float16/bfloat16 ndarray, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim != 2 or x.shape[1] != K:
+        raise ValueError(f"x must be (M, K) with K={K}, got shape {x.shape}")
+    packed, absmax, (N, K), _, blocksize = _check_state(packed, absmax, (N, K), blocksize)
+    if K % blocksize:
+        raise ValueError(f"native matmul_nf4 needs K % blocksize == 0, got K={K}, blocksize={blocksize}; "
+                         "use minilora.nf4.matmul_nf4 for blocks that span rows")
+    xf = _float32_input(x, "x")  # (M, K)
+    M = xf.shape[0]
+    y = np.empty((M, N), dtype=np.float32)  # (M, N)
+    if M == 0:
+        return y
+    threads = _threads(num_threads)
+    scratch = np.empty(max(lib.minilora_matmul_nf4_scratch_bytes(M, N, K, threads), 0), dtype=np.uint8)
+    status = fn(_ptr("float", xf), _ptr("uint8_t", packed), _ptr("float", absmax), M, N, K, blocksize,
+                _ptr("float", y), _ptr("uint8_t", scratch), scratch.size, threads)
+    _check(status, "matmul_nf4")
+    return y
+
+
+# ---------------------------------------------------------------- LoRA merge (csrc/lora_merge.c)
+def merge_weight_stats(W, A, B, s, fan_in_fan_out=False, *, variant="auto", num_threads=None):
+    """``minilora.lora.merge_weight`` in C, bit for bit, plus statistics: returns ``(W', max_abs_delta,
+    nonfinite, first_nonfinite)`` and raises nothing for NaN / inf (the caller decides). W float32 /
+    bfloat16 / float16 (N, K) (Conv1D / Embedding layouts: (K, N) with ``fan_in_fan_out``)."""
+    fn = _kernel("lora_merge", variant)
+    if not isinstance(W, np.ndarray) or W.dtype not in _OUT_CODES:
+        raise TypeError(f"W must be a float32/bfloat16/float16 ndarray, got {getattr(W, 'dtype', type(W).__name__)}")
+    A, B = _f32_matrix(A, "A"), _f32_matrix(B, "B")
+    if W.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"need W 2-D, A (R, K) and B (N, R) with the same R, got W {W.shape}, A {A.shape}, B {B.shape}")
+    if fan_in_fan_out:  # W (K, N): the same products in the same order with A' = Bᵀ, B' = Aᵀ
+        A, B = np.ascontiguousarray(B.T), np.ascontiguousarray(A.T)  # (R, N), (K, R)
+    N, K = W.shape
+    if A.shape[1] != K or B.shape[0] != N:
+        layout = "W (K, N)" if fan_in_fan_out else "W (N, K)"
+        raise ValueError(f"LoRA shapes do not fit: {layout} = {W.shape}, A {A.shape}, B {B.shape}")
+    W = np.ascontiguousarray(W)
+    out = np.empty_like(W)  # W's shape and dtype
+    stats = ffi.new("float *"), ffi.new("int64_t *"), ffi.new("int64_t *")
+    scratch = np.empty(lib.minilora_lora_merge_scratch_floats(K, A.shape[0]), dtype=np.float32)  # A in panels
+    status = fn(_ptr("uint8_t", W.view(np.uint8)), _OUT_CODES[W.dtype], _ptr("float", A), _ptr("float", B),
+                N, K, A.shape[0], float(np.float32(s)), _ptr("uint8_t", out.view(np.uint8)), *stats,
+                _threads(num_threads), _ptr("float", scratch), scratch.size)
+    _check(status, "lora_merge")
+    return out, float(stats[0][0]), int(stats[1][0]), int(stats[2][0])
+
+
+def _f32_matrix(a, name):
+    a = np.asarray(a)
+    if a.ndim != 2 or a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+        raise ValueError(f"{name} must be a 2-D float array, got {a.dtype} {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def merge_weight(W, A, B, s, fan_in_fan_out=False, *, variant="auto", num_threads=None):
+    """``minilora.lora.merge_weight`` in C: the same bits, the same ValueError for NaN / inf."""
+    out, _, bad, first = merge_weight_stats(W, A, B, s, fan_in_fan_out, variant=variant, num_threads=num_threads)
+    if bad:
+        index = tuple(int(i) for i in np.unravel_index(first, W.shape))
+        raise ValueError(f"merge produced {bad} NaN/inf values (first at index {index}) from finite base "
+                         f"weights; the adapter or --scale is too large for {out.dtype}")
+    return out
+
+
+def unmerge_weight(W_merged, A, B, s, fan_in_fan_out=False, *, variant="auto", num_threads=None):
+    """``minilora.lora.unmerge_weight`` in C: ``round(W' − ΔW)``, the same bits."""
+    out, _, bad, first = merge_weight_stats(W_merged, A, B, -np.float32(s), fan_in_fan_out, variant=variant,
+                                            num_threads=num_threads)
+    if bad:
+        index = tuple(int(i) for i in np.unravel_index(first, W_merged.shape))
+        raise ValueError(f"unmerge produced {bad} NaN/inf values (first at index {index}) from finite base weights")
+    return out

@@ -1,0 +1,295 @@
+"""Every C variant equals the NumPy reference: bit for bit for quantise / dequantise / double quantisation,
+within the derived bound gamma_K * (|x| @ |w|.T) for the matmul. Needs no GPU, torch or bitsandbytes."""
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minilora import double_quant, native, nf4
+from minilora.tables import ALLOWED_BLOCKSIZES, NF4_MID, TINY
+
+VARIANTS = native.available_variants()             # ("ref",) or ("ref", "avx2")
+SIZES = [1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1000, 4099]
+OUT_DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
+U = 2.0 ** -24
+FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # examples: the profile (tests/conftest.py)
+
+F32 = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)
+NORMAL = st.floats(-4.0, 4.0, width=32)
+
+
+@st.composite
+def float32_vectors(draw, sizes=SIZES, elements=None):
+    """float32 (n,): mostly normal data with edge values (NaN, inf, subnormals, zeros) mixed in."""
+    n = draw(st.sampled_from(sizes))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * draw(st.sampled_from([1.0, 1e-3, 1e30, 1e-40]))).astype(np.float32)
+    for i in draw(st.lists(st.integers(0, n - 1), max_size=4)):
+        x[i] = draw(elements if elements is not None else F32)
+    return x
+
+
+def bits(a):
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+def assert_same_float32(out, ref):
+    """Bit-equal, except that any NaN equals any NaN."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    nan = np.isnan(ref)
+    np.testing.assert_array_equal(np.isnan(out), nan)
+    np.testing.assert_array_equal(out[~nan].view(np.uint32), ref[~nan].view(np.uint32))
+
+
+# ---------------------------------------------------------------- quantise
+@pytest.mark.parametrize("variant", VARIANTS)
+@FAST
+@given(x=float32_vectors(), blocksize=st.sampled_from(ALLOWED_BLOCKSIZES))
+def test_quantize_equals_reference(variant, x, blocksize):
+    ref_packed, ref_absmax = nf4.quantize_nf4(x, blocksize)
+    out_packed, out_absmax = native.quantize_nf4(x, blocksize, variant=variant)
+    np.testing.assert_array_equal(out_packed, ref_packed)
+    assert out_packed.shape == ref_packed.shape
+    assert_same_float32(out_absmax, ref_absmax)
+
+
+def _edge_cases():
+    mid = NF4_MID.astype(np.float32)
+    yield "all-zero full block", np.zeros(64, np.float32)
+    yield "all-zero partial block", np.zeros(37, np.float32)
+    yield "plus/minus absmax", np.array([3.0, -3.0] * 40, np.float32)
+    yield "values on every bound", np.concatenate([mid, -mid, [1.0, -1.0]] * 2).astype(np.float32)
+    yield "bounds in a partial block", np.concatenate([mid, [1.0]]).astype(np.float32)
+    yield "nan in a block", np.array([1.0] * 10 + [np.nan] + [0.5] * 60, np.float32)
+    yield "inf in a block", np.array([1.0] * 10 + [np.inf] + [-0.5] * 60, np.float32)
+    yield "-inf in a partial block", np.array([1.0, -np.inf, 2.0], np.float32)
+    yield "subnormals only", (np.arange(1, 100) * np.float32(1e-45)).astype(np.float32)
+    yield "tiny absmax", np.full(70, TINY, np.float32)
+    yield "negative zero", np.full(65, -0.0, np.float32)
+    yield "huge", np.full(65, np.finfo(np.float32).max, np.float32) * np.float32(-1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name,x", list(_edge_cases()), ids=[n for n, _ in _edge_cases()])
+@pytest.mark.parametrize("blocksize", [32, 64])
+def test_quantize_edge_cases(variant, name, x, blocksize):
+    ref_packed, ref_absmax = nf4.quantize_nf4(x, blocksize)
+    out_packed, out_absmax = native.quantize_nf4(x, blocksize, variant=variant)
+    np.testing.assert_array_equal(out_packed, ref_packed)
+    assert_same_float32(out_absmax, ref_absmax)
+
+
+def test_quantize_spec_consequences():
+    packed, absmax = native.quantize_nf4(np.zeros(64, np.float32))
+    assert (packed == 0x77).all() and absmax[0] == 0.0
+    packed, absmax = native.quantize_nf4(np.zeros(10, np.float32))
+    assert absmax.view(np.uint32)[0] == np.float32(TINY).view(np.uint32)
+    packed, absmax = native.quantize_nf4(np.array([1.0] * 63 + [np.nan], np.float32))
+    assert np.isnan(absmax[0]) and (packed == 0xFF).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_half_inputs_give_their_float32_image(variant):
+    x = np.random.default_rng(1).standard_normal(301).astype(np.float32)
+    for half in (np.float16, ml_dtypes.bfloat16):
+        xh = x.astype(half)
+        out = native.quantize_nf4(xh, 64, variant=variant)
+        ref = native.quantize_nf4(xh.astype(np.float32), 64, variant=variant)
+        np.testing.assert_array_equal(out[0], ref[0])
+        np.testing.assert_array_equal(out[1], ref[1])
+
+
+# ---------------------------------------------------------------- dequantise
+@pytest.mark.parametrize("variant", VARIANTS)
+@FAST
+@given(n=st.sampled_from(SIZES), blocksize=st.sampled_from(ALLOWED_BLOCKSIZES),
+       seed=st.integers(0, 2**32 - 1), specials=st.lists(F32, max_size=3))
+def test_dequantize_equals_reference(variant, n, blocksize, seed, specials):
+    rng = np.random.default_rng(seed)
+    packed = rng.integers(0, 256, ((n + 1) // 2, 1), dtype=np.uint8)
+    absmax = (rng.random(-(-n // blocksize)) * 10).astype(np.float32)
+    for i, value in enumerate(specials[: absmax.size]):
+        absmax[i] = value
+    for dtype in OUT_DTYPES:
+        ref = nf4.dequantize_nf4(packed, absmax, (n,), dtype, blocksize)
+        out = native.dequantize_nf4(packed, absmax, (n,), dtype, blocksize, variant=variant)
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        np.testing.assert_array_equal(bits(out), bits(ref))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dequantize_half_outputs_cover_subnormals_overflow_and_ties(variant):
+    n = 64 * 400
+    rng = np.random.default_rng(6)
+    packed = rng.integers(0, 256, (n // 2, 1), dtype=np.uint8)
+    absmax = np.logspace(-9, 6, n // 64).astype(np.float32)  # float16 subnormals ... overflow to inf
+    for dtype in OUT_DTYPES:
+        ref = nf4.dequantize_nf4(packed, absmax, (n,), dtype, 64)
+        out = native.dequantize_nf4(packed, absmax, (n,), dtype, 64, variant=variant)
+        np.testing.assert_array_equal(bits(out), bits(ref))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_round_trip_shape_and_dtype(variant):
+    x = np.random.default_rng(2).standard_normal((33, 65)).astype(ml_dtypes.bfloat16)
+    packed, absmax = native.quantize_nf4(x, 128, variant=variant)
+    out = native.dequantize_nf4(packed, absmax, x.shape, x.dtype, 128, variant=variant)
+    ref = nf4.dequantize_nf4(*nf4.quantize_nf4(x, 128), x.shape, x.dtype, 128)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    np.testing.assert_array_equal(bits(out), bits(ref))
+
+
+# ---------------------------------------------------------------- threads
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_thread_count_changes_no_bit(variant):
+    x = np.random.default_rng(3).standard_normal(64 * 1000 + 17).astype(np.float32)
+    x[500] = np.nan
+    base_p, base_a = native.quantize_nf4(x, 64, variant=variant, num_threads=1)
+    base_d = native.dequantize_nf4(base_p, base_a, x.shape, np.float32, 64, variant=variant, num_threads=1)
+    for threads in (2, 3, 7):
+        p, a = native.quantize_nf4(x, 64, variant=variant, num_threads=threads)
+        np.testing.assert_array_equal(p, base_p)
+        np.testing.assert_array_equal(bits(a), bits(base_a))
+        d = native.dequantize_nf4(p, a, x.shape, np.float32, 64, variant=variant, num_threads=threads)
+        np.testing.assert_array_equal(bits(d), bits(base_d))
+
+
+def test_environment_switches(monkeypatch):
+    x = np.random.default_rng(4).standard_normal(5000).astype(np.float32)
+    base = native.quantize_nf4(x)
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "3")
+    np.testing.assert_array_equal(native.quantize_nf4(x)[0], base[0])
+    monkeypatch.setenv("MINILORA_FORCE_REF", "1")
+    assert native._kernel("quantize_nf4", "auto") == native.lib.minilora_quantize_nf4_ref
+    np.testing.assert_array_equal(native.quantize_nf4(x)[0], base[0])
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "two")
+    with pytest.raises(ValueError, match="MINILORA_NUM_THREADS"):
+        native.quantize_nf4(x)
+
+
+def test_no_silent_fallback(monkeypatch):
+    monkeypatch.setattr(native, "has_avx2", lambda: False)
+    with pytest.raises(RuntimeError, match="AVX2"):
+        native.quantize_nf4(np.ones(4, np.float32), variant="avx2")
+    with pytest.raises(ValueError, match="variant"):
+        native.quantize_nf4(np.ones(4, np.float32), variant="sse")
+
+
+# ---------------------------------------------------------------- double quantisation
+@FAST
+@given(absmax=float32_vectors(sizes=[1, 2, 3, 255, 256, 257, 600], elements=F32), explicit=st.booleans())
+def test_double_quantize_equals_reference(absmax, explicit):
+    absmax = np.abs(absmax)
+    offset = np.float32(absmax[0]) if explicit else None
+    ref = double_quant.double_quantize(absmax, offset)
+    out = native.double_quantize(absmax, offset)
+    np.testing.assert_array_equal(out[0], ref[0])
+    assert_same_float32(out[1], ref[1])
+    assert_same_float32(np.array([out[2]]), np.array([ref[2]]))
+    if np.isfinite(out[1]).all() and np.isfinite(out[2]):
+        assert_same_float32(native.dequantize_absmax(*out), double_quant.dequantize_absmax(*ref))
+
+
+@FAST
+@given(x=float32_vectors(sizes=[1, 2, 3, 4, 7, 100]))
+def test_exact_mean_is_correctly_rounded(x):
+    ref = double_quant.exact_mean_float32(x)
+    out = native.double_quantize(x)[2]
+    assert_same_float32(np.array([out]), np.array([ref]))
+
+
+def test_exact_mean_where_float64_rounding_twice_fails():
+    x = np.array([1.0, 1.0, 2.0**-23, 2.0**-80], np.float32)  # exact mean just above a float32 midpoint
+    assert native.double_quantize(x)[2] == np.nextafter(np.float32(0.5), np.float32(1))
+
+
+@FAST
+@given(n=st.sampled_from([1, 2, 255, 256, 257, 1000]), seed=st.integers(0, 2**32 - 1))
+def test_dequantize_absmax_equals_reference(n, seed):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, n, dtype=np.uint8)
+    nested = (rng.random(-(-n // 256)) * 3).astype(np.float32)
+    offset = np.float32(rng.random())
+    assert_same_float32(native.dequantize_absmax(codes, nested, offset),
+                        double_quant.dequantize_absmax(codes, nested, offset))
+
+
+# ---------------------------------------------------------------- matmul
+@pytest.mark.parametrize("variant", VARIANTS)
+@FAST
+@given(M=st.sampled_from([1, 2, 3, 7, 8, 9, 16, 17, 33]), N=st.sampled_from([1, 2, 5, 6, 7, 13, 64]),
+       kblocks=st.integers(1, 5), blocksize=st.sampled_from([32, 64, 128, 256]),
+       threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**32 - 1))
+def test_matmul_within_derived_bound(variant, M, N, kblocks, blocksize, threads, seed):
+    K = kblocks * blocksize
+    rng = np.random.default_rng(seed)
+    packed, absmax = nf4.quantize_nf4(rng.standard_normal((N, K)).astype(np.float32), blocksize)
+    x = rng.standard_normal((M, K)).astype(np.float32) * np.float32(rng.choice([1e-3, 1.0, 1e3]))
+    ref = nf4.matmul_nf4(x, packed, absmax, N, K, blocksize)  # float64
+    out = native.matmul_nf4(x, packed, absmax, N, K, blocksize, variant=variant, num_threads=threads)
+    assert out.dtype == np.float32 and out.shape == (M, N)
+    w = nf4.dequantize_nf4(packed, absmax, (N, K), np.float32, blocksize).astype(np.float64)  # (N, K)
+    gamma = K * U / (1 - K * U)
+    bound = gamma * (np.abs(x.astype(np.float64)) @ np.abs(w).T)  # (M, N)
+    assert (np.abs(out - ref) <= bound).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matmul_thread_count_changes_no_bit(variant):
+    rng = np.random.default_rng(5)
+    N, K = 77, 256
+    packed, absmax = nf4.quantize_nf4(rng.standard_normal((N, K)).astype(np.float32))
+    for M in (1, 20):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        base = native.matmul_nf4(x, packed, absmax, N, K, variant=variant, num_threads=1)
+        for threads in (2, 3):
+            out = native.matmul_nf4(x, packed, absmax, N, K, variant=variant, num_threads=threads)
+            np.testing.assert_array_equal(bits(out), bits(base))
+
+
+# ---------------------------------------------------------------- errors: same type as the reference
+_X = np.ones((4, 64), np.float32)
+_P, _A = nf4.quantize_nf4(np.ones((8, 64), np.float32))
+BAD_CALLS = {
+    "quantize: list input": ("quantize_nf4", ([1.0, 2.0],), {}),
+    "quantize: int dtype": ("quantize_nf4", (np.ones(4, np.int32),), {}),
+    "quantize: empty": ("quantize_nf4", (np.ones(0, np.float32),), {}),
+    "quantize: blocksize 48": ("quantize_nf4", (np.ones(4, np.float32), 48), {}),
+    "quantize: blocksize float": ("quantize_nf4", (np.ones(4, np.float32), 64.0), {}),
+    "dequantize: packed too short": ("dequantize_nf4", (_P[:-1], _A, (8, 64)), {}),
+    "dequantize: absmax too long": ("dequantize_nf4", (_P, np.ones(9, np.float32), (8, 64)), {}),
+    "dequantize: packed int8": ("dequantize_nf4", (_P.astype(np.int8), _A, (8, 64)), {}),
+    "dequantize: absmax float64": ("dequantize_nf4", (_P, _A.astype(np.float64), (8, 64)), {}),
+    "dequantize: zero size": ("dequantize_nf4", (_P, _A, (0, 64)), {}),
+    "dequantize: bad dtype": ("dequantize_nf4", (_P, _A, (8, 64), np.int32), {}),
+    "matmul: x wrong K": ("matmul_nf4", (np.ones((4, 32), np.float32), _P, _A, 8, 64), {}),
+    "matmul: x 1-D": ("matmul_nf4", (np.ones(64, np.float32), _P, _A, 8, 64), {}),
+    "matmul: x float64": ("matmul_nf4", (_X.astype(np.float64), _P, _A, 8, 64), {}),
+    "matmul: N mismatch": ("matmul_nf4", (_X, _P, _A, 9, 64), {}),
+    "matmul: bad blocksize": ("matmul_nf4", (_X, _P, _A, 8, 64, 100), {}),
+    "double_quantize: 2-D": ("double_quantize", (np.ones((2, 2), np.float32),), {}),
+    "double_quantize: float64": ("double_quantize", (np.ones(4),), {}),
+    "double_quantize: inexact offset": ("double_quantize", (np.ones(4, np.float32), 0.1), {}),
+    "dequantize_absmax: nested size": ("dequantize_absmax", (np.ones(300, np.uint8), np.ones(1, np.float32), 0.0), {}),
+    "dequantize_absmax: codes float": ("dequantize_absmax", (np.ones(3, np.float32), np.ones(1, np.float32), 0.0), {}),
+}
+_REF = {"quantize_nf4": nf4, "dequantize_nf4": nf4, "matmul_nf4": nf4,
+        "double_quantize": double_quant, "dequantize_absmax": double_quant}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALLS))
+def test_bad_input_raises_same_type_as_reference(case):
+    name, args, kwargs = BAD_CALLS[case]
+    with pytest.raises((TypeError, ValueError)) as ref:
+        getattr(_REF[name], name)(*args, **kwargs)
+    with pytest.raises(ref.type):
+        getattr(native, name)(*args, **kwargs)
+
+
+def test_matmul_rejects_blocks_spanning_rows():
+    packed, absmax = nf4.quantize_nf4(np.ones((2, 96), np.float32), 64)
+    nf4.matmul_nf4(np.ones((1, 96), np.float32), packed, absmax, 2, 96, 64)  # the reference handles it
+    with pytest.raises(ValueError, match="K % blocksize"):
+        native.matmul_nf4(np.ones((1, 96), np.float32), packed, absmax, 2, 96, 64)

@@ -1,5 +1,4 @@
 """``minilora train`` and ``minilora generate`` (torch is imported only when they run)."""
-import json
 
 import click
 

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from minilora import lora, nf4, testing
+from minilora import lora, native, nf4, testing
 from minilora.checkpoint import Checkpoint, load_adapter
 from minilora.describe import is_adapter
 from minilora.dtypes import is_float
@@ -66,8 +66,9 @@ class Source:
             self._ckpt.close()
 
 
+
 def _as_float(x):
-    return nf4.dequantize(x) if isinstance(x, nf4.QuantState) else x
+    return native.for_quant_type(x.quant_type).dequantize(x) if isinstance(x, nf4.QuantState) else x
 
 
 def ulp_distance(a, b):

@@ -15,7 +15,7 @@ import shutil
 
 import numpy as np
 
-from minilora import nf4
+from minilora import native
 from minilora.checkpoint import INDEX_NAME, write_json
 from minilora.dtypes import is_float
 from minilora.errors import InputError
@@ -24,6 +24,7 @@ from minilora.nf4_checkpoint import is_aux_key, quantized_weights, read_state, s
 from minilora.output import staged_folder
 from minilora.progress import Progress
 from minilora.safetensors_io import SafetensorsAppender
+
 
 
 def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign):
@@ -90,7 +91,7 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
     st = state(name)
     if requantize and not todo:
         return [(name, reader.get(name), None)]
-    W = nf4.dequantize(st)                                   # bit-exact with bitsandbytes
+    W = native.for_quant_type(st.quant_type).dequantize(st)                   # bit-exact with bitsandbytes
     W_new, _ = apply_patches(W, todo, sign, reader.path, name)
     row = {"name": name, "shape": list(st.shape), "adapters": [p.adapter for p in todo],
            "scale": [p.s for p in todo], "bytes": W.nbytes}
@@ -101,8 +102,8 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
         out = W_new.astype(target) if target is not None else W_new
         row["dtype"] = str(out.dtype)
         return [(name, out, row)]
-    new = nf4.quantize(W_new, st.blocksize, st.nested_codes is not None, st.quant_type)
-    realised = nf4.dequantize(new, np.float32).astype(np.float64) - W.astype(np.float64)
+    new = native.for_quant_type(st.quant_type).quantize(W_new, st.blocksize, st.nested_codes is not None, st.quant_type)
+    realised = native.for_quant_type(st.quant_type).dequantize(new, np.float32).astype(np.float64) - W.astype(np.float64)
     norm = float(np.linalg.norm(delta))
     row.update(dtype=f"{st.quant_type} (re-quantised)",
                delta_rel_error=float(np.linalg.norm(realised - delta) / norm) if norm else 0.0,

@@ -294,3 +294,42 @@ def unmerge_weight(W_merged, A, B, s, fan_in_fan_out=False, *, variant="auto", n
         index = tuple(int(i) for i in np.unravel_index(first, W_merged.shape))
         raise ValueError(f"unmerge produced {bad} NaN/inf values (first at index {index}) from finite base weights")
     return out
+
+
+# ---------------------------------------------------------------- QuantState bundles (as minilora.nf4)
+def for_quant_type(quant_type):
+    """The module whose ``quantize`` / ``dequantize`` a caller should use: these C kernels for NF4 (the same
+    bits as ``minilora.nf4``, much faster), the NumPy reference for FP4 (which has no C kernel)."""
+    import sys
+
+    from minilora import nf4
+
+    return sys.modules[__name__] if quant_type == "nf4" else nf4
+
+
+def quantize(x, blocksize=DEFAULT_BLOCKSIZE, double_quant=False, quant_type="nf4", offset=None, *,
+             variant="auto", num_threads=None):
+    """``minilora.nf4.quantize`` with the C kernels (NF4 only): the same ``QuantState``, bit for bit."""
+    from minilora.nf4 import QuantState
+
+    if quant_type != "nf4":
+        raise ValueError(f"the C kernels implement NF4 only, got quant_type {quant_type!r}; use minilora.nf4")
+    packed, absmax = quantize_nf4(x, blocksize, variant=variant, num_threads=num_threads)
+    state = dict(packed=packed, absmax=absmax, shape=tuple(x.shape), dtype=x.dtype, blocksize=blocksize,
+                 quant_type="nf4")
+    if double_quant:
+        codes, nested, off = double_quantize(absmax, offset, variant="ref" if variant == "avx2" else variant)
+        state.update(absmax=None, nested_codes=codes, nested_absmax=nested, offset=off)
+    return QuantState(**state)
+
+
+def dequantize(state, dtype=None, *, variant="auto", num_threads=None):
+    """``minilora.nf4.dequantize`` with the C kernels (NF4 only): the same bits."""
+    if state.quant_type != "nf4":
+        raise ValueError(f"the C kernels implement NF4 only, got quant_type {state.quant_type!r}; use minilora.nf4")
+    absmax = state.absmax
+    if state.nested_codes is not None:
+        absmax = dequantize_absmax(state.nested_codes, state.nested_absmax, state.offset,
+                                   variant="ref" if variant == "avx2" else variant)
+    return dequantize_nf4(state.packed, absmax, state.shape, state.dtype if dtype is None else dtype,
+                          state.blocksize, variant=variant, num_threads=num_threads)

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from minilora import nf4
+from minilora import native, nf4
 from minilora.checkpoint import INDEX_NAME, Checkpoint, write_json
 from minilora.dtypes import dtype_from_name, is_float
 from minilora.errors import InputError
@@ -26,6 +26,7 @@ from minilora.safetensors_io import SafetensorsAppender
 
 BLOCK_RE = re.compile(r"(^|\.)(layers|h|layer|blocks|block)\.\d+\.")
 SKIP_PARTS = ("norm", "embed", "ln_", "lm_head", "wte", "wpe")
+
 
 
 
@@ -90,8 +91,8 @@ def quantize_checkpoint(model, out, blocksize=nf4.DEFAULT_BLOCKSIZE, double_quan
                                "bytes_before": x.nbytes, "quantized": name in chosen}
                         if name in chosen:
                             compute.add(str(x.dtype))
-                            state = nf4.quantize(x, blocksize, double_quant, quant_type)
-                            err = nf4.dequantize(state, np.float32).astype(np.float64) - x.astype(np.float64)
+                            state = native.for_quant_type(quant_type).quantize(x, blocksize, double_quant, quant_type)
+                            err = native.for_quant_type(quant_type).dequantize(state, np.float32).astype(np.float64) - x.astype(np.float64)
                             row.update(max_abs_error=float(np.abs(err).max()),
                                        rms_error=float(np.sqrt(np.mean(err * err))))
                             parts = state_tensors(name, state)
@@ -139,7 +140,8 @@ def dequantize_checkpoint(src, out, dtype=None, force=False, quiet=True):
                             progress.update(reader.info(name)[2], name)
                             continue
                         if name in quantized:
-                            x = nf4.dequantize(read_state(ckpt, name), target)
+                            state = read_state(ckpt, name)
+                            x = native.for_quant_type(state.quant_type).dequantize(state, target)
                         else:
                             x = reader.get(name)
                             x = x.astype(target) if target is not None and is_float(x.dtype) else x

@@ -293,3 +293,17 @@ def test_matmul_rejects_blocks_spanning_rows():
     nf4.matmul_nf4(np.ones((1, 96), np.float32), packed, absmax, 2, 96, 64)  # the reference handles it
     with pytest.raises(ValueError, match="K % blocksize"):
         native.matmul_nf4(np.ones((1, 96), np.float32), packed, absmax, 2, 96, 64)
+
+
+def test_quantstate_bundles_match_the_reference():
+    from minilora import nf4
+
+    x = (np.random.default_rng(5).standard_normal((70, 64)) * 0.02).astype(ml_dtypes.bfloat16)
+    for dq in (False, True):
+        ref, out = nf4.quantize(x, 64, dq), native.quantize(x, 64, dq)
+        assert out.packed.tobytes() == ref.packed.tobytes()
+        assert out.block_absmax().tobytes() == ref.block_absmax().tobytes()
+        assert native.dequantize(out).tobytes() == nf4.dequantize(ref).tobytes()
+    assert native.for_quant_type("nf4") is native and native.for_quant_type("fp4") is nf4
+    with pytest.raises(ValueError, match="NF4 only"):
+        native.quantize(x, 64, quant_type="fp4")

@@ -15,7 +15,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["minilora", "minilora.cli"],
+    packages=["minilora", "minilora.cli", "minilora.torch_backend"],
     package_dir={"minilora": "minilora", "minilora.cli": "cli"},
     package_data={"minilora": ["data/*"]},
     setup_requires=["cffi>=1.15"],

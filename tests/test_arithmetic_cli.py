@@ -148,7 +148,7 @@ def test_existing_output_needs_force(models, tmp_path):
 def test_combine_as_a_subprocess(models, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "minilora", "combine", str(models / "a1"), str(models / "a1"),
                            "--weights", "1,1", "--method", "svd", "-o", str(tmp_path / "twice")],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)  # not the source tree
     assert proc.returncode == 0, proc.stderr
     a1, twice = load_adapter(models / "a1"), load_adapter(tmp_path / "twice")
     name = next(iter(a1.modules))

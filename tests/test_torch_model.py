@@ -276,5 +276,7 @@ def test_missing_torch_gives_the_install_command():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import minilora\n"
             "try:\n    import minilora.torch_backend\nexcept ImportError as e:\n    print(e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    import tempfile
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=tempfile.gettempdir())  # the installed package, not the source tree
     assert "pip install torch==2.13.0" in out.stdout, out.stderr

@@ -126,3 +126,31 @@ def test_bad_input(tmp_path, data_file, case, message):
                                  "--max-steps", "1", *extra])
     assert r.exit_code == 2, r.output
     assert message in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_qlora_trains_and_generate_runs(tmp_path, data_file):
+    out = tmp_path / "q"
+    r = _run(["train", "--model", MODEL, "--data", data_file, "-o", out, "--max-steps", "3", "--qlora",
+              "--lr", "1e-2", "--json", *SMALL], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
+    g = CliRunner().invoke(cli, ["generate", "--model", MODEL, "--adapter", str(out), "--max-new-tokens", "5",
+                                 "--json", "the quick"])
+    assert g.exit_code == 0, g.output
+    result = json.loads(g.stdout)
+    assert result["prompt"] == "the quick" and len(result["ids"]) >= 5
+
+
+def test_qlora_on_a_model_without_linear_layers(tmp_path, data_file):
+    model = tmp_path / "empty"
+    shutil.copytree(MODEL, model)
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] = 0
+    (model / "config.json").write_text(json.dumps(config))
+    tensors = {k: v for k, v in load_file(model / "model.safetensors").items() if ".layers." not in k}
+    from minilora.safetensors_io import save_file
+    save_file(tensors, model / "model.safetensors")
+    r = CliRunner().invoke(cli, ["train", "--model", str(model), "--data", data_file, "-o", str(tmp_path / "o"),
+                                 "--max-steps", "1", "--qlora"])
+    assert r.exit_code == 2 and "no Linear layer" in r.stderr and r.stderr.count("\n") == 1

@@ -24,7 +24,7 @@ from minilora.tables import DYNAMIC_MAP, NESTED_BLOCKSIZE
 _F = np.float32
 
 
-def _require_f32_vector(arr, name):
+def check_f32_vector(arr, name):
     if not isinstance(arr, np.ndarray):
         raise TypeError(f"{name} must be a numpy ndarray of float32, got {type(arr).__name__}")
     if arr.dtype != np.float32:
@@ -33,7 +33,7 @@ def _require_f32_vector(arr, name):
         raise ValueError(f"{name} must be a non-empty 1-D array, got shape {arr.shape}")
 
 
-def _as_f32_scalar(value, name):
+def as_f32_scalar(value, name):
     if not isinstance(value, (int, float, np.floating)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a float (ideally np.float32), got {type(value).__name__}")
     out = _F(value)
@@ -53,7 +53,7 @@ def exact_mean_float32(absmax):
     Every float32 is an integer multiple of 2**-149, so the sum is an exact Python int in those
     units; only the final division rounds, and we pick the float32 nearest to the exact quotient.
     """
-    _require_f32_vector(absmax, "absmax")
+    check_f32_vector(absmax, "absmax")
     a64 = absmax.astype(np.float64)
     if not np.isfinite(a64).all():
         return _F(np.mean(a64))
@@ -107,10 +107,10 @@ def double_quantize(absmax, offset=None):
     nested_absmax : float32 (ceil(nblocks / 256),)
     offset : np.float32
     """
-    _require_f32_vector(absmax, "absmax")
+    check_f32_vector(absmax, "absmax")
     if offset is None:
         offset = exact_mean_float32(absmax)
-    offset = _as_f32_scalar(offset, "offset")
+    offset = as_f32_scalar(offset, "offset")
     n = absmax.size
     nn = _n_nested(n)
     c = np.full(nn * NESTED_BLOCKSIZE, np.nan, dtype=np.float32)  # (nn*256,) NaN pad: ignored below
@@ -137,11 +137,11 @@ def dequantize_absmax(codes, nested_absmax, offset):
         raise TypeError(f"codes must be a uint8 ndarray, got {got}")
     if codes.ndim != 1 or codes.size == 0:
         raise ValueError(f"codes must be a non-empty 1-D array, got shape {codes.shape}")
-    _require_f32_vector(nested_absmax, "nested_absmax")
+    check_f32_vector(nested_absmax, "nested_absmax")
     if nested_absmax.size != _n_nested(codes.size):
         raise ValueError(
             f"nested_absmax has {nested_absmax.size} entries; {codes.size} codes need "
             f"ceil({codes.size}/{NESTED_BLOCKSIZE}) = {_n_nested(codes.size)}"
         )
     scale = np.repeat(nested_absmax, NESTED_BLOCKSIZE)[: codes.size]  # (nblocks,)
-    return (DYNAMIC_MAP[codes] * scale) + _as_f32_scalar(offset, "offset")  # float32 product, then float32 sum
+    return (DYNAMIC_MAP[codes] * scale) + as_f32_scalar(offset, "offset")  # float32 product, then float32 sum

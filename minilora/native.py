@@ -23,7 +23,9 @@ import ml_dtypes
 import numpy as np
 
 from minilora._native import ffi, lib
-from minilora.tables import ALLOWED_BLOCKSIZES, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE
+from minilora.double_quant import as_f32_scalar, check_f32_vector
+from minilora.nf4 import check_blocksize, check_state
+from minilora.tables import DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE
 
 VARIANTS = ("auto", "ref", "avx2")
 _IN_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
@@ -81,12 +83,6 @@ def _ptr(ctype, array):
 
 
 # ---------------------------------------------------------------- validation (messages as minilora.nf4)
-def _check_blocksize(blocksize):
-    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)):
-        raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
-    if int(blocksize) not in ALLOWED_BLOCKSIZES:
-        raise ValueError(f"blocksize={blocksize} is not allowed; use one of {ALLOWED_BLOCKSIZES}")
-    return int(blocksize)
 
 
 def _float32_input(x, name):
@@ -98,6 +94,17 @@ def _float32_input(x, name):
     return np.ascontiguousarray(x, dtype=np.float32)  # float16 / bfloat16 widen exactly
 
 
+def _check_state(packed, absmax, shape, blocksize):
+    """The reference's validation (same errors), then C-contiguous flat views for the kernels."""
+    shape, n, blocksize = check_state(packed, absmax, shape, blocksize)
+    return np.ascontiguousarray(packed).reshape(-1), np.ascontiguousarray(absmax).reshape(-1), shape, n, blocksize
+
+
+def _f32_vector(arr, name):
+    check_f32_vector(arr, name)
+    return np.ascontiguousarray(arr)
+
+
 def _typed(arr, dtype, name):
     if not isinstance(arr, np.ndarray) or arr.dtype != dtype:
         got = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
@@ -105,50 +112,17 @@ def _typed(arr, dtype, name):
     return np.ascontiguousarray(arr).reshape(-1)
 
 
-def _check_state(packed, absmax, shape, blocksize):
-    blocksize = _check_blocksize(blocksize)
-    try:
-        shape = tuple(int(d) for d in shape)
-    except TypeError:
-        raise TypeError(f"shape must be a tuple of ints, got {shape!r}") from None
-    n = int(np.prod(shape, dtype=np.int64))
-    if any(d < 0 for d in shape) or n == 0:
-        raise ValueError(f"shape {shape} must have positive size")
-    packed = _typed(packed, np.uint8, "packed")
-    if packed.size != (n + 1) // 2:
-        raise ValueError(f"packed has {packed.size} bytes; shape {shape} needs (n+1)//2 = {(n + 1) // 2}")
-    absmax = _typed(absmax, np.float32, "absmax")
-    nblocks = -(-n // blocksize)
-    if absmax.size != nblocks:
-        raise ValueError(f"absmax has {absmax.size} entries; n={n} with blocksize={blocksize} "
-                         f"needs ceil(n/blocksize) = {nblocks}")
-    return packed, absmax, shape, n, blocksize
 
 
-def _f32_vector(arr, name):
-    if not isinstance(arr, np.ndarray):
-        raise TypeError(f"{name} must be a numpy ndarray of float32, got {type(arr).__name__}")
-    if arr.dtype != np.float32:
-        raise TypeError(f"{name} must be float32, got dtype {arr.dtype}")
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {arr.shape}")
-    return np.ascontiguousarray(arr)
 
 
-def _f32_scalar(value, name):
-    if not isinstance(value, (int, float, np.floating)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a float (ideally np.float32), got {type(value).__name__}")
-    out = np.float32(value)
-    if np.isfinite(out) and float(out) != float(value):
-        raise ValueError(f"{name}={value!r} is not exactly representable in float32; pass the stored float32 value")
-    return out
 
 
 # ---------------------------------------------------------------- the kernels
 def quantize_nf4(x, blocksize=DEFAULT_BLOCKSIZE, *, variant="auto", num_threads=None):
     """NF4-quantise ``x`` (any shape) -> packed uint8 ((n+1)//2, 1), absmax float32 (nblocks,)."""
     fn = _kernel("quantize_nf4", variant)
-    blocksize = _check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
     xf = _float32_input(x, "x").reshape(-1)  # (n,)
     if xf.size == 0:
         raise ValueError(f"x is empty (shape {x.shape}); nothing to quantise")
@@ -188,7 +162,7 @@ def double_quantize(absmax, offset=None, *, variant="auto"):
         mean = ffi.new("float *")
         _check(lib.minilora_exact_mean_f32(_ptr("float", absmax), absmax.size, mean), "exact_mean_f32")
         offset = mean[0]
-    offset = _f32_scalar(offset, "offset")
+    offset = as_f32_scalar(offset, "offset")
     codes = np.empty(absmax.size, dtype=np.uint8)  # (nblocks,)
     nested = np.empty(-(-absmax.size // NESTED_BLOCKSIZE), dtype=np.float32)  # (ceil(nblocks/256),)
     status = fn(_ptr("float", absmax), absmax.size, float(offset), _ptr("uint8_t", codes), _ptr("float", nested))
@@ -209,7 +183,7 @@ def dequantize_absmax(codes, nested_absmax, offset, *, variant="auto"):
     if nested_absmax.size != need:
         raise ValueError(f"nested_absmax has {nested_absmax.size} entries; {codes.size} codes need "
                          f"ceil({codes.size}/{NESTED_BLOCKSIZE}) = {need}")
-    offset = _f32_scalar(offset, "offset")
+    offset = as_f32_scalar(offset, "offset")
     codes = np.ascontiguousarray(codes)
     out = np.empty(codes.size, dtype=np.float32)  # (nblocks,)
     status = fn(_ptr("uint8_t", codes), _ptr("float", nested_absmax), codes.size, float(offset), _ptr("float", out))

@@ -34,7 +34,8 @@ _FP4_MID = (FP4[_FP4_ORDER[:-1]] + FP4[_FP4_ORDER[1:]]) / _F(2)  # (15,) float32
 
 
 # ---------------------------------------------------------------- validation at the boundary
-def _check_blocksize(blocksize):
+def check_blocksize(blocksize):
+    """The blocksize as an int, or TypeError / ValueError naming the allowed ones (shared by every backend)."""
     if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)):
         raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
     if int(blocksize) not in ALLOWED_BLOCKSIZES:
@@ -53,8 +54,10 @@ def _flat_float32(x, name="x"):
     return x.astype(np.float32).reshape(-1)  # (n,) every input dtype converts to float32 exactly
 
 
-def _check_state(packed, absmax, shape, blocksize):
-    blocksize = _check_blocksize(blocksize)
+def check_state(packed, absmax, shape, blocksize):
+    """Validate a packed tensor against its shape and blocksize; ``(shape, n, blocksize)``. Shared by every
+    backend, so a bad argument raises the same exception with the same message everywhere."""
+    blocksize = check_blocksize(blocksize)
     try:
         shape = tuple(int(d) for d in shape)
     except TypeError:
@@ -155,14 +158,14 @@ def _normalise(xf, blocksize):
 
 
 def _quantize_4bit(x, blocksize, to_codes):
-    blocksize = _check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
     v, absmax = _normalise(_flat_float32(x), blocksize)  # (n,), (nblocks,)
     pad = to_codes(np.zeros(1, np.float32))[0]  # bitsandbytes pads the normalised VALUE 0.0
     return pack_nibbles(to_codes(v), pad), absmax  # ((n+1)//2, 1), (nblocks,)
 
 
 def _dequantize_4bit(table, packed, absmax, shape, dtype, blocksize):
-    shape, n, blocksize = _check_state(packed, absmax, shape, blocksize)
+    shape, n, blocksize = check_state(packed, absmax, shape, blocksize)
     dtype = _out_dtype(dtype)
     values = table[unpack_nibbles(packed, n)]  # (n,) float32
     scale = np.repeat(absmax.reshape(-1), blocksize)[:n]  # (n,)

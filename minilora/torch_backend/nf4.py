@@ -106,7 +106,7 @@ def _normalise(xf, blocksize):
 
 def quantize_nf4(x, blocksize=DEFAULT_BLOCKSIZE):
     """Transcribes ``minilora.nf4.quantize_nf4``: x (any shape) -> packed uint8 ((n+1)//2, 1), absmax (nblocks,)."""
-    blocksize = ref._check_blocksize(blocksize)
+    blocksize = ref.check_blocksize(blocksize)
     v, absmax = _normalise(_flat_float32(x), blocksize)  # (n,), (nblocks,)
     pad = int(nf4_codes(torch.zeros(1, device=v.device))[0])  # bitsandbytes pads the VALUE 0.0
     return pack_nibbles(nf4_codes(v), pad), absmax  # ((n+1)//2, 1), (nblocks,)
@@ -123,7 +123,7 @@ def cast_float32(a, dtype):
 
 def dequantize_nf4(packed, absmax, shape, dtype=torch.float32, blocksize=DEFAULT_BLOCKSIZE):
     """Transcribes ``minilora.nf4.dequantize_nf4``: out[j] = cast(dtype, float32(NF4[code[j]] * absmax[j // bs]))."""
-    blocksize = ref._check_blocksize(blocksize)
+    blocksize = ref.check_blocksize(blocksize)
     shape = tuple(int(d) for d in shape)
     n = int(np.prod(shape, dtype=np.int64))
     if absmax.dtype != torch.float32 or absmax.numel() != -(-n // blocksize):
@@ -164,7 +164,7 @@ def double_quantize(absmax, offset=None):
         raise TypeError(f"absmax must be a 1-D float32 tensor, got {getattr(absmax, 'dtype', type(absmax))}")
     if offset is None:
         offset = ref_dq.exact_mean_float32(absmax.detach().cpu().numpy())
-    offset = ref_dq._as_f32_scalar(offset, "offset")
+    offset = ref_dq.as_f32_scalar(offset, "offset")
     n = absmax.numel()
     nn_ = -(-n // NESTED_BLOCKSIZE)
     c = torch.full((nn_ * NESTED_BLOCKSIZE,), float("nan"), device=absmax.device)  # (nn*256,) NaN pad

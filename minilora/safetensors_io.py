@@ -172,7 +172,20 @@ def _header_bytes(entries, metadata):
     return struct.pack("<Q", len(raw)) + raw
 
 
-class SafetensorsWriter:
+class _Output:
+    """``with`` an output: ``close()`` publishes it when the block succeeds, ``abort()`` removes it if not."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SafetensorsWriter(_Output):
     """Streaming writer: the header is fixed up front from ``entries = [(name, dtype, shape), ...]``,
     then tensors are written one at a time in that order. Data goes to a temporary file in the
     destination folder, renamed into place by ``close()``; an exception inside ``with`` removes it.
@@ -222,17 +235,8 @@ class SafetensorsWriter:
         if os.path.exists(self._tmp):
             os.remove(self._tmp)
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class SafetensorsAppender:
+class SafetensorsAppender(_Output):
     """Writer for when the shapes are not known up front (quantised outputs): tensors are appended
     to a temporary data file; ``close()`` writes header + data to a temporary file in the destination
     folder and renames it into place. Memory stays O(one tensor); the output bytes are copied once."""
@@ -256,15 +260,6 @@ class SafetensorsAppender:
 
     def abort(self):
         self._data.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def save_file(tensors, path, metadata=None):

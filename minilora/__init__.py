@@ -9,4 +9,6 @@ Shape legend: ``M`` tokens, ``K`` in_features, ``N`` out_features, ``R`` rank;
 """
 __version__ = "0.1.0"
 
-from minilora.errors import InputError  # noqa: F401
+from minilora.errors import InputError
+
+__all__ = ["InputError", "__version__"]

@@ -46,7 +46,9 @@ class Patch:
             adapted = native.merge_weight_stats(W.astype(np.float32), m.A, m.B, self.s, ffio)[0]
             out, _ = dora.dora_merge_weight(W, m.A, m.B, self.s, m.magnitude, ffio, adapted=adapted)
             return out, float(np.max(np.abs(out.astype(np.float32) - W.astype(np.float32)), initial=0.0))
-        out, max_delta, bad, first = native.merge_weight_stats(W, m.A, m.B, np.float32(self.s) * np.float32(sign), ffio)
+        with np.errstate(over="ignore"):  # a scale beyond float32 gives inf: reported just below
+            s = np.float32(self.s) * np.float32(sign)
+        out, max_delta, bad, first = native.merge_weight_stats(W, m.A, m.B, s, ffio)
         if bad:
             index = tuple(int(i) for i in np.unravel_index(first, W.shape))
             raise ValueError(f"{'merge' if sign > 0 else 'unmerge'} produced {bad} NaN/inf values (first at "

@@ -29,7 +29,10 @@ setup(
     extras_require={
         # tokenizers reads tokenizer.json; jinja2 renders chat templates (torch already needs it)
         "torch": [TORCH, "tokenizers>=0.15", "jinja2"],
-        "test": ["pytest>=7", "hypothesis>=6.80", TORCH, "safetensors>=0.4", "tokenizers>=0.15", "jinja2"],
+        # peft + transformers (pinned to the versions the vectors were checked against) let the tests prove
+        # that PeftModel.from_pretrained loads the adapters minilora writes; never a runtime dependency.
+        "test": ["pytest>=7", "hypothesis>=6.80", TORCH, "safetensors>=0.4", "tokenizers>=0.15", "jinja2",
+                 "peft==0.21.2", "transformers==5.23.0"],
     },
     entry_points={"console_scripts": ["minilora=minilora.cli.main:main"]},
     zip_safe=False,

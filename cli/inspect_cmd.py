@@ -25,6 +25,11 @@ def inspect(path, tensors, as_json):
         if tensors:
             for t in info["tensors"]:
                 click.echo(f"  {t['name']:60s} {t['dtype']:9s} {tuple(t['shape'])}")
+        if info["quantized"]:
+            first = next(iter(info["quantized"].values()))
+            dq = "with" if first["double_quant"] else "without"
+            click.echo(f"  4-bit: {len(info['quantized'])} weights, {first['quant_type']} blocksize "
+                       f"{first['blocksize']} {dq} double quantisation, stored from {first['dtype']}")
         for dtype, d in info["by_dtype"].items():
             click.echo(f"  {dtype}: {d['parameters']:,} parameters, {human_bytes(d['bytes'])}")
         click.echo(f"total: {info['parameters']:,} parameters, {human_bytes(info['bytes'])}")

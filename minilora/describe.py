@@ -11,6 +11,7 @@ import numpy as np
 
 from minilora import lora
 from minilora.checkpoint import ADAPTER_CONFIG, Checkpoint, load_adapter
+from minilora.nf4_checkpoint import quantized_weights, read_state
 
 
 def is_adapter(path):
@@ -34,10 +35,17 @@ def describe_checkpoint(path):
             params[str(dtype)] += int(np.prod(shape, dtype=np.int64))
             nbytes[str(dtype)] += size
         config = ckpt.config or {}
+        quantized = quantized_weights(ckpt.keys())
         return {"kind": "checkpoint", "path": ckpt.path, "shards": list(ckpt.readers),
+                "quantized": {k: _state_summary(read_state(ckpt, k)) for k in quantized},
                 "model_type": config.get("model_type"), "architectures": config.get("architectures"),
                 "tensors": tensors, "parameters": sum(params.values()), "bytes": sum(nbytes.values()),
                 "by_dtype": {d: {"parameters": params[d], "bytes": nbytes[d]} for d in params}}
+
+
+def _state_summary(state):
+    return {"quant_type": state.quant_type, "blocksize": state.blocksize, "shape": list(state.shape),
+            "dtype": str(state.dtype), "double_quant": state.nested_codes is not None}
 
 
 def describe_adapter(path):

@@ -170,3 +170,11 @@ def test_requantize_needs_a_4bit_base(tmp_path):
     config = json.loads(open(os.path.join(BASE, "config.json")).read())
     write_lora_adapter(tmp_path / "ad", config, targets=("q_proj",))
     _error(["merge", BASE, tmp_path / "ad", "-o", tmp_path / "o", "--requantize"], "--requantize needs a 4-bit")
+
+
+def test_inspect_reports_the_4bit_layers():
+    code, out, _ = run("inspect", os.path.join(DATA, "bnb-nf4-dq"), "--no-tensors")
+    assert code == 0 and "4-bit: 14 weights, nf4 blocksize 64 with double quantisation" in out
+    code, out, _ = run("inspect", os.path.join(DATA, "bnb-nf4"), "--json")
+    info = json.loads(out)
+    assert len(info["quantized"]) == 14 and not any(s["double_quant"] for s in info["quantized"].values())

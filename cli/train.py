@@ -2,14 +2,17 @@
 
 import click
 
+from minilora.errors import InputError
+
 from .common import json_option, print_json, quiet_option
 
 
 def _torch_backend():
+    """Import the torch backend, or fail with one line (exit 2) saying how to install torch."""
     try:
         import minilora.torch_backend  # noqa: F401
     except ImportError as e:
-        raise click.ClickException(str(e)) from None
+        raise InputError(str(e)) from None
 
 
 @click.command()

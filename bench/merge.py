@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from common import vm_kb  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = {  # name -> llama_config(...) arguments; bf16 bytes: 0.51 GB and 1.96 GB
@@ -98,13 +99,6 @@ def run_child(kind, base, adapter, out, threads, profile=None):
                       "peak_rss_mib": vm_kb("VmHWM") / 1024,
                       "split": {k: round(v, 3) for k, v in split.items()}}))
 
-
-def vm_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 # ---------------------------------------------------------------- the parent

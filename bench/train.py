@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from common import vm_kb  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -83,13 +84,6 @@ def peak_memory(device):
         return torch.cuda.max_memory_allocated(device)
     return vm_kb("VmHWM") * 1024
 
-
-def vm_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def train_options(cfg):

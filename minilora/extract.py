@@ -20,6 +20,7 @@ import numpy as np
 
 from minilora.arithmetic import factored_svd, lora_config
 from minilora.checkpoint import Checkpoint, LoraModule, load_adapter, save_adapter
+from minilora.dtypes import is_float
 from minilora.errors import InputError
 from minilora.lora import module_rank_alpha, scaling
 from minilora.output import check_output, staged_folder
@@ -134,10 +135,6 @@ def _report(operation, inputs, out, rows, t0, **extra):
                        "seconds": round(time.perf_counter() - t0, 3)}}
 
 
-def _is_float(dtype):
-    return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
-
-
 def extract_checkpoints(base, finetuned, out, rank=None, energy=None, embed_lora=False, svd="auto",
                         force=False, quiet=True):
     """Extract a LoRA adapter ``W_ft − W_base ≈ B A`` into the PEFT folder ``out``; returns a report
@@ -160,7 +157,7 @@ def extract_checkpoints(base, finetuned, out, rank=None, energy=None, embed_lora
                     raise InputError(f"shape {tuple(shape)} here but {tuple(cb.info(name)[1])} in the base "
                                      f"{cb.path}", cf.path, name)
                 progress.update(nbytes, name)
-                if not (_is_float(cf.info(name)[0]) and _is_float(cb.info(name)[0])):
+                if not (is_float(cf.info(name)[0]) and is_float(cb.info(name)[0])):
                     continue
                 D = cf.get(name).astype(F32) - cb.get(name).astype(F32)  # W's shape
                 if not np.isfinite(D).all():

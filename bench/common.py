@@ -1,4 +1,17 @@
 """Helpers shared by the benchmark scripts (run as ``python bench/NAME.py``, so this folder is on sys.path)."""
+import subprocess
+import sys
+
+
+def cpu_name():
+    """The CPU model name ``lscpu`` reports."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "?")
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
 
 
 def vm_kb(field):

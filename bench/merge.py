@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
-from common import vm_kb  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import cpu_name, log, vm_kb  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = {  # name -> llama_config(...) arguments; bf16 bytes: 0.51 GB and 1.96 GB
@@ -223,15 +223,6 @@ def versions():
     from importlib.metadata import version
     return ", ".join(f"{p} {version(p)}" for p in ("numpy", "ml_dtypes", "torch", "transformers", "peft",
                                                      "safetensors")) + f", Python {platform.python_version()}"
-
-
-def cpu_name():
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "?")
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def main(argv=None):

@@ -37,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from common import vm_kb  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import cpu_name, log, vm_kb  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -433,15 +433,6 @@ def versions():
         except Exception:  # not installed: say so rather than fail
             out.append(f"{p} (not installed)")
     return ", ".join(out) + f", Python {platform.python_version()}"
-
-
-def cpu_name():
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "?")
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def main(argv=None):

@@ -153,41 +153,84 @@ static inline void finish8(merge_args *a, int tid, int64_t i, __m256 acc, __m256
     *maxd = _mm256_max_ps(*maxd, _mm256_and_ps(d, _mm256_and_ps(w_fin, o_fin)));
 }
 
-/* acc = fmaf(B[n,r], A[r,k], acc) for r = 0..R-1, eight columns per vector, four vectors (32 columns) per
- * pass with named accumulators (an accumulator array would be spilled by GCC 12). The panel keeps the R
- * rows of A for one 8-column group contiguous. */
+/* acc = fmaf(B[n,r], A[r,k], acc) for r = 0..R-1, eight columns per vector. Two rows x four vectors
+ * (32 columns) per pass: eight independent FMA chains keep both FMA pipes busy (four chains would wait on
+ * the FMA latency), and each panel load serves two rows. Named accumulators (an accumulator array would be
+ * spilled by GCC 12). The panel keeps the R rows of A for one 8-column group contiguous. */
+__attribute__((target("avx2,fma,f16c")))
+static inline void two_rows32(merge_args *a, int tid, int64_t n, int64_t g, __m256 *maxd)
+{
+    const int64_t R = a->R;
+    const float *B0 = a->B + n * R, *B1 = B0 + R;
+    const float *p0 = a->panel + g * R * 8, *p1 = p0 + R * 8, *p2 = p1 + R * 8, *p3 = p2 + R * 8;
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;    /* row n,   columns 8g .. 8g+31 */
+    __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00;                    /* row n+1 */
+    for (int64_t r = 0; r < R; r++) {
+        const __m256 b0 = _mm256_set1_ps(B0[r]), b1 = _mm256_set1_ps(B1[r]);
+        const __m256 q0 = _mm256_loadu_ps(p0 + r * 8), q1 = _mm256_loadu_ps(p1 + r * 8);
+        const __m256 q2 = _mm256_loadu_ps(p2 + r * 8), q3 = _mm256_loadu_ps(p3 + r * 8);
+        c00 = _mm256_fmadd_ps(b0, q0, c00); c01 = _mm256_fmadd_ps(b0, q1, c01);
+        c02 = _mm256_fmadd_ps(b0, q2, c02); c03 = _mm256_fmadd_ps(b0, q3, c03);
+        c10 = _mm256_fmadd_ps(b1, q0, c10); c11 = _mm256_fmadd_ps(b1, q1, c11);
+        c12 = _mm256_fmadd_ps(b1, q2, c12); c13 = _mm256_fmadd_ps(b1, q3, c13);
+    }
+    const int64_t i = n * a->K + g * 8, j = i + a->K;
+    finish8(a, tid, i, c00, maxd); finish8(a, tid, i + 8, c01, maxd);
+    finish8(a, tid, i + 16, c02, maxd); finish8(a, tid, i + 24, c03, maxd);
+    finish8(a, tid, j, c10, maxd); finish8(a, tid, j + 8, c11, maxd);
+    finish8(a, tid, j + 16, c12, maxd); finish8(a, tid, j + 24, c13, maxd);
+}
+
+/* One row, four vectors (32 columns) per pass: the odd row of a thread's range. */
+__attribute__((target("avx2,fma,f16c")))
+static inline void one_row32(merge_args *a, int tid, int64_t n, int64_t g, __m256 *maxd)
+{
+    const int64_t R = a->R;
+    const float *B_n = a->B + n * R;
+    const float *p0 = a->panel + g * R * 8, *p1 = p0 + R * 8, *p2 = p1 + R * 8, *p3 = p2 + R * 8;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    for (int64_t r = 0; r < R; r++) {
+        const __m256 b = _mm256_set1_ps(B_n[r]);
+        acc0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(p0 + r * 8), acc0);
+        acc1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(p1 + r * 8), acc1);
+        acc2 = _mm256_fmadd_ps(b, _mm256_loadu_ps(p2 + r * 8), acc2);
+        acc3 = _mm256_fmadd_ps(b, _mm256_loadu_ps(p3 + r * 8), acc3);
+    }
+    const int64_t i = n * a->K + g * 8;
+    finish8(a, tid, i, acc0, maxd); finish8(a, tid, i + 8, acc1, maxd);
+    finish8(a, tid, i + 16, acc2, maxd); finish8(a, tid, i + 24, acc3, maxd);
+}
+
+/* Columns past the last full 32: single 8-column groups, then scalar elements. */
+__attribute__((target("avx2,fma,f16c")))
+static inline void row_tail(merge_args *a, int tid, int64_t n, int64_t g0, __m256 *maxd)
+{
+    const int64_t R = a->R, G = a->K / 8;
+    const float *B_n = a->B + n * R;
+    for (int64_t g = g0; g < G; g++) {
+        const float *p = a->panel + g * R * 8;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t r = 0; r < R; r++) acc = _mm256_fmadd_ps(_mm256_set1_ps(B_n[r]), _mm256_loadu_ps(p + r * 8), acc);
+        finish8(a, tid, n * a->K + g * 8, acc, maxd);
+    }
+    for (int64_t k = G * 8; k < a->K; k++) merge_one(a, tid, n, k);
+}
+
 __attribute__((target("avx2,fma,f16c")))
 static void rows_avx2(void *ctx, int tid, int64_t begin, int64_t end)
 {
     merge_args *a = ctx;
-    const int64_t R = a->R, G = a->K / 8;                      /* G full 8-column groups */
+    const int64_t G32 = a->K / 32 * 4;                         /* 8-column groups in full 32-column passes */
     __m256 maxd = _mm256_setzero_ps();
-    for (int64_t n = begin; n < end; n++) {
-        const float *B_n = a->B + n * R;
-        int64_t g = 0;
-        for (; g + 4 <= G; g += 4) {
-            const float *p0 = a->panel + g * R * 8, *p1 = p0 + R * 8, *p2 = p1 + R * 8, *p3 = p2 + R * 8;
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-            for (int64_t r = 0; r < R; r++) {
-                const __m256 b = _mm256_set1_ps(B_n[r]);
-                acc0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(p0 + r * 8), acc0);
-                acc1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(p1 + r * 8), acc1);
-                acc2 = _mm256_fmadd_ps(b, _mm256_loadu_ps(p2 + r * 8), acc2);
-                acc3 = _mm256_fmadd_ps(b, _mm256_loadu_ps(p3 + r * 8), acc3);
-            }
-            const int64_t i = n * a->K + g * 8;
-            finish8(a, tid, i, acc0, &maxd);
-            finish8(a, tid, i + 8, acc1, &maxd);
-            finish8(a, tid, i + 16, acc2, &maxd);
-            finish8(a, tid, i + 24, acc3, &maxd);
-        }
-        for (; g < G; g++) {
-            const float *p = a->panel + g * R * 8;
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t r = 0; r < R; r++) acc = _mm256_fmadd_ps(_mm256_set1_ps(B_n[r]), _mm256_loadu_ps(p + r * 8), acc);
-            finish8(a, tid, n * a->K + g * 8, acc, &maxd);
-        }
-        for (int64_t k = G * 8; k < a->K; k++) merge_one(a, tid, n, k);
+    int64_t n = begin;
+    for (; n + 2 <= end; n += 2) {
+        for (int64_t g = 0; g < G32; g += 4) two_rows32(a, tid, n, g, &maxd);
+        row_tail(a, tid, n, G32, &maxd);
+        row_tail(a, tid, n + 1, G32, &maxd);
+    }
+    for (; n < end; n++) {
+        for (int64_t g = 0; g < G32; g += 4) one_row32(a, tid, n, g, &maxd);
+        row_tail(a, tid, n, G32, &maxd);
     }
     float lanes[8];
     _mm256_storeu_ps(lanes, maxd);
@@ -217,7 +260,7 @@ static int run(void (*rows)(void *, int, int64_t, int64_t), const void *W, int d
     merge_args a = {W, out, A, B, N, K, R, s, dtype, scratch, {0}, {0}, {0}};
     int elem = dtype == MINILORA_FLOAT32 ? 4 : 2;
     int t = minilora_resolve_threads(nthreads, N * K * (2 * elem) + R * K * 4);
-    int status = minilora_parallel_for(t, N, 1, rows, &a);
+    int status = minilora_parallel_for(t, N, 2, rows, &a);   /* row pairs for rows_avx2 */
     if (status != MINILORA_OK) return status;
     *max_abs_delta = 0.0f; *nonfinite = 0; *first_nonfinite = -1;
     for (int i = 0; i < MINILORA_MAX_THREADS; i++) {

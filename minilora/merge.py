@@ -22,6 +22,7 @@ from minilora.dtypes import dtype_from_name, is_float
 from minilora.errors import InputError
 from minilora.nf4_checkpoint import quantized_weights
 from minilora.output import check_output, staged_folder
+from minilora.pipeline import TensorStream
 from minilora.progress import Progress
 from minilora.safetensors_io import SafetensorsWriter
 
@@ -34,9 +35,9 @@ class Patch:
     fan_in_fan_out: bool
     role: str           # "weight" or "bias"
 
-    def apply(self, W, sign):
+    def apply(self, W, sign, inplace=False):
         """``(W', max |W' − W|)``: merge (``sign=+1``) or unmerge (``-1``) this patch with the C kernel
-        (bit-exact with ``minilora.lora`` / ``minilora.dora``)."""
+        (bit-exact with ``minilora.lora`` / ``minilora.dora``). ``inplace``: a LoRA W' overwrites W."""
         m, ffio = self.module, self.fan_in_fan_out or self.module.kind == "embedding"
         if self.role == "bias":
             delta = (np.float32(self.s) * m.bias.astype(np.float32)) * np.float32(sign)
@@ -48,7 +49,7 @@ class Patch:
             return out, float(np.max(np.abs(out.astype(np.float32) - W.astype(np.float32)), initial=0.0))
         with np.errstate(over="ignore"):  # a scale beyond float32 gives inf: reported just below
             s = np.float32(self.s) * np.float32(sign)
-        out, max_delta, bad, first = native.merge_weight_stats(W, m.A, m.B, s, ffio)
+        out, max_delta, bad, first = native.merge_weight_stats(W, m.A, m.B, s, ffio, out=W if inplace else None)
         if bad:
             index = tuple(int(i) for i in np.unravel_index(first, W.shape))
             raise ValueError(f"{'merge' if sign > 0 else 'unmerge'} produced {bad} NaN/inf values (first at "
@@ -157,22 +158,37 @@ def _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet
                          else reader.info(n)[0] for n in names}
             entries = [(n, out_dtype[n], reader.info(n)[1]) for n in names]
             path = stage if single else os.path.join(stage, shard)
-            with SafetensorsWriter(path, entries, reader.metadata) as writer:
+            copied = {n for n in names if n not in patches and n not in full and out_dtype[n] == reader.info(n)[0]}
+            merged = [n for n in names if n not in copied]
+            buffer_bytes = max((reader.info(n)[2] for n in merged), default=0)
+            with SafetensorsWriter(path, entries, reader.metadata) as writer, TensorStream(buffer_bytes) as stream:
+                ahead = [stream.read(reader, merged[0])] if merged else []
+                done = 0  # tensors of `merged` taken from `ahead`
                 for name in names:
-                    row = _process(reader, name, patches.get(name, []), full.get(name), out_dtype[name], sign)
-                    writer.write(name, **row.pop("_data"))
+                    if name in copied:  # byte-identical copy, file to file
+                        stream.write(writer, name, copy_from=reader)
+                        row = _row(reader, name, [], out_dtype[name])
+                    else:
+                        W, buf = ahead.pop(0).result()
+                        done += 1
+                        if done < len(merged):  # tensor i+1 is read while tensor i is merged
+                            ahead.append(stream.read(reader, merged[done]))
+                        row = _process(reader, name, W, patches.get(name, []), full.get(name), out_dtype[name],
+                                       sign, owned=True)
+                        stream.write(writer, name, array=row.pop("_array"), release=buf)
                     rows.append(row)
                     progress.update(row["bytes"], name)
+                stream.drain()
     return rows
 
 
-def apply_patches(W, patches, sign, path, name):
+def apply_patches(W, patches, sign, path, name, inplace=False):
     """Apply (``sign=+1``) or remove (``sign=-1``, in reverse order) the patches of one tensor;
-    returns ``(W', max |W' − W|)``."""
+    returns ``(W', max |W' − W|)``. ``inplace`` (one LoRA patch): W' may overwrite W."""
     W0, max_delta = W, 0.0
     for p in patches if sign > 0 else reversed(patches):
         try:
-            W, max_delta = p.apply(W, sign)
+            W, max_delta = p.apply(W, sign, inplace=inplace)
         except ValueError as e:
             raise InputError(str(e), path, name) from None
     if len(patches) > 1:  # the kernel reports one step; several adapters need the end-to-end change
@@ -180,18 +196,23 @@ def apply_patches(W, patches, sign, path, name):
     return W, max_delta
 
 
-def _process(reader, name, patches, replacement, out_dtype, sign):
-    dtype, shape, nbytes = reader.info(name)
-    row = {"name": name, "dtype": str(np.dtype(out_dtype)), "shape": list(shape), "bytes": nbytes,
-           "adapters": [p.adapter for p in patches], "scale": [p.s for p in patches]}
-    if not patches and replacement is None and out_dtype == dtype:
-        row["_data"] = {"raw": reader.get_bytes(name)}   # byte-identical copy
-        return row
-    W = reader.get(name)
+def _row(reader, name, patches, out_dtype):
+    _, shape, nbytes = reader.info(name)
+    return {"name": name, "dtype": str(np.dtype(out_dtype)), "shape": list(shape), "bytes": nbytes,
+            "adapters": [p.adapter for p in patches], "scale": [p.s for p in patches]}
+
+
+def _process(reader, name, W, patches, replacement, out_dtype, sign, owned=False):
+    """The report row of one tensor, with the tensor to write under ``"_array"``. ``owned``: W is a
+    buffer of ours (not the caller's), so a single LoRA merge may run in place."""
+    row = _row(reader, name, patches, out_dtype)
     if replacement is not None:
-        W = replacement
-    W0 = W = W.astype(out_dtype, copy=False) if is_float(W.dtype) else W
-    W, max_delta = apply_patches(W, patches, sign, reader.path, name)
+        W, owned = replacement, False
+    if is_float(W.dtype) and W.dtype != out_dtype:
+        W, owned = W.astype(out_dtype), True
+    W0 = W
+    inplace = owned and sign > 0 and len(patches) == 1
+    W, max_delta = apply_patches(W, patches, sign, reader.path, name, inplace=inplace)
     if patches:
         row["max_abs_delta"] = max_delta
         if sign < 0:  # honest round trip: merging the result again, how far from the input are we?
@@ -202,7 +223,7 @@ def _process(reader, name, patches, replacement, out_dtype, sign):
             same = again.view(bits) == W0.view(bits)
             row["roundtrip_max_abs_error"] = float(np.abs(again.astype(np.float64) - W0.astype(np.float64)).max())
             row["roundtrip_bit_exact_fraction"] = float(same.mean()) if same.size else 1.0
-    row["_data"] = {"array": W}
+    row["_array"] = W
     return row
 
 

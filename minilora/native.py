@@ -216,10 +216,12 @@ def matmul_nf4(x, packed, absmax, N, K, blocksize=DEFAULT_BLOCKSIZE, *, variant=
 
 
 # ---------------------------------------------------------------- LoRA merge (csrc/lora_merge.c)
-def merge_weight_stats(W, A, B, s, fan_in_fan_out=False, *, variant="auto", num_threads=None):
+def merge_weight_stats(W, A, B, s, fan_in_fan_out=False, *, variant="auto", num_threads=None, out=None):
     """``minilora.lora.merge_weight`` in C, bit for bit, plus statistics: returns ``(W', max_abs_delta,
     nonfinite, first_nonfinite)`` and raises nothing for NaN / inf (the caller decides). W float32 /
-    bfloat16 / float16 (N, K) (Conv1D / Embedding layouts: (K, N) with ``fan_in_fan_out``)."""
+    bfloat16 / float16 (N, K) (Conv1D / Embedding layouts: (K, N) with ``fan_in_fan_out``).
+    ``out``: where W' goes (W's shape and dtype, C-contiguous); ``out=W`` merges in place (each element
+    is read before it is written), for a caller that owns W's buffer. Default: a new array."""
     fn = _kernel("lora_merge", variant)
     if not isinstance(W, np.ndarray) or W.dtype not in _OUT_CODES:
         raise TypeError(f"W must be a float32/bfloat16/float16 ndarray, got {getattr(W, 'dtype', type(W).__name__)}")
@@ -233,7 +235,13 @@ def merge_weight_stats(W, A, B, s, fan_in_fan_out=False, *, variant="auto", num_
         layout = "W (K, N)" if fan_in_fan_out else "W (N, K)"
         raise ValueError(f"LoRA shapes do not fit: {layout} = {W.shape}, A {A.shape}, B {B.shape}")
     W = np.ascontiguousarray(W)
-    out = np.empty_like(W)  # W's shape and dtype
+    if out is None:
+        out = np.empty_like(W)  # W's shape and dtype
+    elif not (isinstance(out, np.ndarray) and out.dtype == W.dtype and out.shape == W.shape
+              and out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"out must be a writable C-contiguous {W.dtype} array of shape {W.shape}")
+    elif out is not W and np.shares_memory(out, W):
+        raise ValueError("out overlaps W without being W")
     stats = ffi.new("float *"), ffi.new("int64_t *"), ffi.new("int64_t *")
     scratch = np.empty(lib.minilora_lora_merge_scratch_floats(K, A.shape[0]), dtype=np.float32)  # A in panels
     status = fn(_ptr("uint8_t", W.view(np.uint8)), _OUT_CODES[W.dtype], _ptr("float", A), _ptr("float", B),

@@ -11,6 +11,7 @@ past the end of a truncated file, overlapping or missing bytes, a size that disa
 an unknown dtype) becomes one ``InputError`` naming the file and tensor. The tests check both
 directions against the ``safetensors`` package. Nothing here unpickles anything.
 """
+import ctypes
 import json
 import os
 import struct
@@ -139,14 +140,27 @@ class SafetensorsReader:
             raise InputError("file shrank while reading (truncated)", self.path, name)
         return data
 
-    def get(self, name):
-        """A fresh (writable, owned) array of the tensor; the file is never modified."""
+    def get(self, name, buffer=None):
+        """A writable array of the tensor; the file is never modified. Fresh and owned by default; with
+        ``buffer`` (a uint8 array of at least ``nbytes``) a view of the buffer's first bytes, so that a
+        stream of tensors can reuse memory instead of faulting in new pages for each one."""
         dtype, shape, begin, end = self._entry(name)
-        out = np.empty(shape, dtype=dtype.newbyteorder("<"))
+        if buffer is None:
+            out = np.empty(shape, dtype=dtype.newbyteorder("<"))
+        else:
+            out = buffer[:end - begin].view(dtype.newbyteorder("<")).reshape(shape)
         self._file.seek(self.data_start + begin)
         if self._file.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - begin:
             raise InputError("file shrank while reading (truncated)", self.path, name)
         return out.astype(dtype, copy=False)
+
+    def span(self, name):
+        """``(byte offset in the file, nbytes)`` of a tensor's data, for copies that bypass NumPy."""
+        _, _, begin, end = self._entry(name)
+        return self.data_start + begin, end - begin
+
+    def fileno(self):
+        return self._file.fileno()
 
     def close(self):
         self._file.close()
@@ -156,6 +170,25 @@ class SafetensorsReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _load_sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux / glibc
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the dirty pages in the range, do not wait
+
+
+def _sync_file_range(fd, offset, nbytes):
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # a hint: its result does not matter
 
 
 def _header_bytes(entries, metadata):
@@ -199,14 +232,34 @@ class SafetensorsWriter(_Output):
         self._next = 0
         folder = os.path.dirname(os.path.abspath(self.path))
         fd, self._tmp = tempfile.mkstemp(prefix=".minilora-", suffix=".partial", dir=folder)
-        self._file = os.fdopen(fd, "wb")
-        self._file.write(_header_bytes(self._entries, metadata))
+        self._file = os.fdopen(fd, "wb", buffering=0)   # unbuffered: copy_from writes through the same fd
+        self._flushed = 0                               # bytes handed to writeback so far
+        self._put(_header_bytes(self._entries, metadata))
 
-    def write(self, name, array=None, raw=None):
-        """Write the next tensor, from an array (cast-free: dtype and shape must match) or raw bytes."""
+    def _put(self, data):
+        view = memoryview(data)
+        view = view.cast("B") if view.nbytes else b""   # (a view with a zero in its shape cannot be cast)
+        while view:
+            view = view[self._file.write(view):]
+        self._start_writeback()
+
+    def _start_writeback(self, every=32 * 2**20):
+        """Ask the kernel to start writing the dirty pages behind us (no wait, nothing evicted), so that
+        the fsync in ``close()`` finds little left to do. A hint: ignored where unsupported."""
+        end = self._file.tell()
+        if end - self._flushed >= every:
+            _sync_file_range(self._file.fileno(), self._flushed, end - self._flushed)
+            self._flushed = end
+
+    def _next_entry(self, name):
         want_name, dtype, shape = self._entries[self._next]
         if name != want_name:
             raise ValueError(f"tensors must be written in header order: expected {want_name!r}, got {name!r}")
+        return dtype, shape
+
+    def write(self, name, array=None, raw=None):
+        """Write the next tensor, from an array (cast-free: dtype and shape must match) or raw bytes."""
+        dtype, shape = self._next_entry(name)
         if raw is None:
             array = np.asarray(array)
             if array.dtype != dtype or array.shape != shape:
@@ -216,14 +269,37 @@ class SafetensorsWriter(_Output):
                 dtype.newbyteorder("<")).tobytes()  # no copy on little-endian machines
         elif len(memoryview(raw).cast("B")) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
             raise ValueError(f"{name}: raw data has {len(raw)} bytes, declared {dtype} {shape}")
-        self._file.write(raw)
+        self._put(raw)
+        self._next += 1
+
+    def copy_from(self, name, reader):
+        """Write the next tensor as a byte-identical copy of ``reader``'s tensor of the same name, inside
+        the kernel (``copy_file_range``) where it can, else through a bounded buffer."""
+        dtype, shape = self._next_entry(name)
+        src_dtype, src_shape, _ = reader.info(name)
+        if (src_dtype, src_shape) != (dtype, shape):
+            raise ValueError(f"{name}: declared {dtype} {shape}, source has {src_dtype} {src_shape}")
+        offset, left = reader.span(name)
+        while left:
+            try:
+                n = os.copy_file_range(reader.fileno(), self._file.fileno(), left, offset)
+            except (AttributeError, OSError):   # no copy_file_range here (or not between these files)
+                n = -1
+            if n <= 0:
+                data = os.pread(reader.fileno(), min(left, 64 * 2**20), offset)
+                if not data:
+                    raise InputError("file shrank while reading (truncated)", reader.path, name)
+                self._put(data)
+                n = len(data)
+            else:
+                self._start_writeback()
+            offset, left = offset + n, left - n
         self._next += 1
 
     def close(self):
         if self._next != len(self._entries):
             self.abort()
             raise ValueError(f"{self.path}: only {self._next} of {len(self._entries)} tensors written")
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         os.chmod(self._tmp, 0o644)

@@ -79,3 +79,28 @@ def test_bad_arguments_raise_the_reference_types():
         native.merge_weight(W.astype(np.float64), A, B, 1.0)
     with pytest.raises(ValueError):
         native.merge_weight(W, A, B, 1.0, variant="sse9")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ffio", [False, True])
+def test_in_place_merge_gives_the_same_bits(dtype, variant, ffio):
+    W, A, B = _case(37, 70, 5, dtype, 4)  # odd row count: the paired-row path and the single-row tail
+    if ffio:
+        W = np.ascontiguousarray(W.T)
+    ref, ref_delta, _, _ = native.merge_weight_stats(W, A, B, 2.0, ffio, variant=variant)
+    buf = W.copy()
+    out, max_delta, bad, _ = native.merge_weight_stats(buf, A, B, 2.0, ffio, variant=variant, out=buf)
+    assert out is buf and bad == 0 and max_delta == ref_delta
+    assert buf.tobytes() == ref.tobytes() == lora.merge_weight(W, A, B, 2.0, ffio).tobytes()
+
+
+def test_out_must_fit_and_must_not_partly_overlap():
+    W, A, B = _case(4, 16, 2, np.float32, 5)
+    with pytest.raises(ValueError, match="out must be"):
+        native.merge_weight_stats(W, A, B, 1.0, out=np.empty((4, 15), np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        native.merge_weight_stats(W, A, B, 1.0, out=np.empty((4, 16), np.float16))
+    big = np.zeros(80, np.float32)
+    with pytest.raises(ValueError, match="overlaps"):
+        native.merge_weight_stats(big[:64].reshape(4, 16), A, B, 1.0, out=big[16:].reshape(4, 16))

@@ -122,3 +122,31 @@ def test_reading_never_modifies_the_file(tmp_path):
         w += 1                                   # the array is ours, not a view of the file
         assert f.get_bytes("w") == np.arange(6, dtype=np.float32).tobytes()
     assert path.read_bytes() == before
+
+
+def test_get_into_a_reused_buffer_and_copy_from_file_to_file(tmp_path, monkeypatch):
+    ref = _sample(np.random.default_rng(1))
+    src = tmp_path / "src.safetensors"
+    save_file(ref, src)
+    buf = np.zeros(4096, dtype=np.uint8)
+    with SafetensorsReader(src) as r:
+        for name, a in ref.items():   # one buffer for every tensor: each read is a view of it
+            got = r.get(name, buffer=buf)
+            assert got.dtype == a.dtype and got.shape == a.shape and (a.size == 0 or np.shares_memory(got, buf))
+            np.testing.assert_array_equal(_bits(got), _bits(a))
+        for fallback in (False, True):   # copy_file_range, and the bounded-buffer path where it fails
+            if fallback:
+                def refuse(*args, **kwargs):
+                    raise OSError(18, "Invalid cross-device link")
+                monkeypatch.setattr(os, "copy_file_range", refuse)
+            out = tmp_path / f"copy{fallback}.safetensors"
+            with SafetensorsWriter(out, [(n, a.dtype, a.shape) for n, a in ref.items()]) as w:
+                for name in ref:
+                    w.copy_from(name, r)
+            data_start = r.span(next(iter(ref)))[0]
+            assert out.read_bytes()[data_start:] == src.read_bytes()[data_start:]
+    first = next(iter(ref))   # float32 (3, 5) in the source
+    with SafetensorsReader(src) as r, pytest.raises(ValueError, match="source has"):
+        with SafetensorsWriter(tmp_path / "bad.safetensors", [(first, np.float32, (15,))]) as w:
+            w.copy_from(first, r)
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -7,6 +7,10 @@ r=16, alpha=32 adapter on all seven linear targets is merged by
 2. PEFT: ``AutoModelForCausalLM.from_pretrained(dtype=bf16)`` → ``PeftModel.from_pretrained`` →
    ``merge_and_unload()`` → ``save_pretrained`` (load + merge + save timed; the split is reported),
 3. ``shutil.copyfile`` of every shard: the throughput roofline (same bytes in, same bytes out),
+   once as is (into the page cache, like PEFT's save) and once followed by ``fsync`` of every copy,
+   the roofline for minilora's default, which fsyncs each output file before renaming it into place;
+   minilora runs both ways too (default, and ``durable=False`` = ``--no-fsync``), so each throughput
+   ratio compares writes with the same durability,
 
 each in its own fresh subprocess, so the peak RSS (the child's ``VmHWM``) is that job's alone. (Not
 ``ru_maxrss``: Linux carries it across ``exec``, so a child would inherit the parent's high-water mark.)
@@ -36,24 +40,35 @@ SIZES = {  # name -> llama_config(...) arguments; bf16 bytes: 0.51 GB and 1.96 G
 }
 MAX_SHARD_BYTES = 10**9
 RANK, ALPHA = 16, 32
-CONTENDERS = ("copy", "minilora", "peft")
+CONTENDERS = ("copy", "copy_fsync", "minilora", "minilora_nofsync", "peft")
 TARGETS = {"wall": 0.50, "rss": 0.25, "mbps": 0.50}  # minilora/PEFT wall ≤, minilora/PEFT RSS ≤, MB/s vs copy ≥
 
 
 # ---------------------------------------------------------------- jobs (each runs in a fresh child)
 
-def job_copy(base, adapter, out, threads):
+def job_copy(base, adapter, out, threads, fsync=False):
     os.makedirs(out)
     for name in shard_files(base):
         shutil.copyfile(os.path.join(base, name), os.path.join(out, name))
+        if fsync:
+            with open(os.path.join(out, name), "rb+") as f:
+                os.fsync(f.fileno())
     return {}
 
 
-def job_minilora(base, adapter, out, threads):
+def job_copy_fsync(base, adapter, out, threads):
+    return job_copy(base, adapter, out, threads, fsync=True)
+
+
+def job_minilora(base, adapter, out, threads, durable=True):
     from minilora.merge import merge_checkpoint
     t = time.perf_counter()
-    merge_checkpoint(base, [adapter], out, quiet=True)
+    merge_checkpoint(base, [adapter], out, quiet=True, durable=durable)
     return {"merge+save": time.perf_counter() - t}
+
+
+def job_minilora_nofsync(base, adapter, out, threads):
+    return job_minilora(base, adapter, out, threads, durable=False)
 
 
 def job_peft(base, adapter, out, threads):
@@ -77,7 +92,7 @@ def run_child(kind, base, adapter, out, threads, profile=None):
     """Inside the child: import, run one job, print one JSON line (wall, peak RSS, split)."""
     t0 = time.perf_counter()
     job = globals()[f"job_{kind}"]
-    if kind == "minilora":
+    if kind.startswith("minilora"):
         import minilora.merge  # noqa: F401  (import time is reported, not timed)
     elif kind == "peft":
         import peft, torch, transformers  # noqa: F401,E401
@@ -203,7 +218,11 @@ def markdown(results, meta):
         lines += ["", "| ratio | value | target | result |", "|---|---|---|---|",
                   ratio_row("minilora / PEFT wall", q["wall"], TARGETS["wall"], False),
                   ratio_row("minilora / PEFT peak RSS", q["rss"], TARGETS["rss"], False),
-                  ratio_row("minilora MB/s / copy MB/s", q["mbps"], TARGETS["mbps"], True),
+                  ratio_row("minilora MB/s / (copy + fsync) MB/s (both durable)", q["mbps"], TARGETS["mbps"], True),
+                  ratio_row("minilora --no-fsync MB/s / copy MB/s (both page cache)", q["mbps_nofsync"],
+                            TARGETS["mbps"], True),
+                  f"| minilora --no-fsync / PEFT wall (info: neither fsyncs) | "
+                  f"{res['runs']['minilora_nofsync']['wall_s'] / res['runs']['peft']['wall_s']:.3f} | - | - |",
                   f"| minilora / PEFT CPU s (info: less sensitive to machine load) | "
                   f"{res['runs']['minilora']['cpu_s'] / res['runs']['peft']['cpu_s']:.3f} | - | - |", ""]
         v = res["verify"]
@@ -244,12 +263,13 @@ def main(argv=None):
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_name(),
             "cores": os.cpu_count(), "ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
             "versions": versions(), "threads": args.threads,
-            "method": (f"each job in a fresh subprocess; {args.repeat} alternating round(s) of copy → minilora → "
-                       f"PEFT, best wall kept (round 1 warms the page cache); os.sync() between jobs; "
+            "method": (f"each job in a fresh subprocess; {args.repeat} alternating round(s) of copy → copy_fsync → "
+                       f"minilora → minilora_nofsync → PEFT, best wall kept (round 1 warms the page cache); os.sync() between jobs; "
                        f"wall excludes interpreter start + imports; peak RSS = child's VmHWM; "
                        f"MB/s = checkpoint bytes / wall; CPU s = user + system of the job; {args.threads} torch/BLAS threads; "
                        f"1-min load average before the jobs: {{loads}} (other work on the machine skews wall times); copy = "
-                       f"shutil.copyfile per shard without fsync, minilora fsyncs each shard, PEFT does not.")}
+                       f"shutil.copyfile per shard, copy_fsync = the same + fsync of each copy; minilora fsyncs each "
+                       f"shard (default), minilora_nofsync does not (--no-fsync), nor does PEFT.")}
     results = []
     for size in sizes:
         folder, base, adapter, nbytes = prepare(workdir, size, args.regenerate)
@@ -257,7 +277,7 @@ def main(argv=None):
         for rnd in range(args.repeat):
             for kind in CONTENDERS:
                 r = spawn(kind, base, adapter, os.path.join(folder, f"out-{kind}"), args.threads)
-                log(f"[{size} GB] round {rnd + 1} {kind:8s} {r['wall_s']:7.2f} s  CPU {r['cpu_s']:6.2f} s  "
+                log(f"[{size} GB] round {rnd + 1} {kind:16s} {r['wall_s']:7.2f} s  CPU {r['cpu_s']:6.2f} s  "
                     f"peak RSS {r['peak_rss_mib']:6.0f} MiB  load {r['load_before']:.1f}  {r['split']}")
                 best = runs[kind]
                 best["walls"].append(r["wall_s"])
@@ -270,7 +290,8 @@ def main(argv=None):
         res = {"size": size, "bytes": nbytes, "shards": len(shard_files(base)), "runs": runs,
                "ratios": {"wall": runs["minilora"]["wall_s"] / runs["peft"]["wall_s"],
                           "rss": runs["minilora"]["peak_rss_mib"] / runs["peft"]["peak_rss_mib"],
-                          "mbps": runs["minilora"]["mb_per_s"] / runs["copy"]["mb_per_s"]}}
+                          "mbps": runs["minilora"]["mb_per_s"] / runs["copy_fsync"]["mb_per_s"],
+                          "mbps_nofsync": runs["minilora_nofsync"]["mb_per_s"] / runs["copy"]["mb_per_s"]}}
         log(f"[{size} GB] comparing outputs bit for bit")
         res["verify"] = verify(os.path.join(folder, "out-minilora"), os.path.join(folder, "out-peft"))
         if args.profile:

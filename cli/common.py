@@ -6,6 +6,11 @@ import click
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report on stdout.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 force_option = click.option("--force", is_flag=True, help="Replace an existing output.")
+fsync_option = click.option(
+    "--fsync/--no-fsync", default=True, show_default=True,
+    help="Flush each output file to disk before renaming it into place, so not even a power cut leaves a "
+         "damaged file. --no-fsync leaves the writes to the page cache, as cp and save_pretrained do (faster "
+         "where the disk is slow; a crash or Ctrl-C still never leaves a partial output).")
 
 
 def print_json(report):

@@ -3,7 +3,7 @@ import click
 
 from minilora.merge import merge_checkpoint
 
-from .common import force_option, human_bytes, json_option, print_json, quiet_option
+from .common import force_option, fsync_option, human_bytes, json_option, print_json, quiet_option
 
 _DTYPES = click.Choice(["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"])
 
@@ -32,10 +32,11 @@ def _summary(report):
 @click.option("--dtype", type=_DTYPES, default=None, help="Output dtype of float tensors (default: keep).")
 @click.option("--requantize", is_flag=True,
               help="4-bit base: quantise the merged weights again (lossy; the report says how much of ΔW survived).")
+@fsync_option
 @force_option
 @json_option
 @quiet_option
-def merge(base, adapters, output, scale, dtype, requantize, force, as_json, quiet):
+def merge(base, adapters, output, scale, dtype, requantize, fsync, force, as_json, quiet):
     """Merge one or more PEFT LoRA adapters into BASE: W' = W + scale·(alpha/r)·B A, one rounding.
 
     BASE is a .safetensors file, a sharded checkpoint folder or a model folder (also a 4-bit
@@ -48,7 +49,7 @@ def merge(base, adapters, output, scale, dtype, requantize, force, as_json, quie
       minilora merge ./Llama-3.2-1B ./my-adapter -o ./merged
     """
     report = merge_checkpoint(base, list(adapters), output, scale=scale, dtype=dtype, force=force,
-                              quiet=quiet or as_json, sign=+1, requantize=requantize)
+                              quiet=quiet or as_json, sign=+1, requantize=requantize, durable=fsync)
     print_json(report) if as_json else _summary(report)
 
 
@@ -58,10 +59,11 @@ def merge(base, adapters, output, scale, dtype, requantize, force, as_json, quie
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output file (.safetensors) or folder.")
 @click.option("--scale", default=1.0, show_default=True, type=float, help="The --scale used when merging.")
 @click.option("--dtype", type=_DTYPES, default=None, help="Output dtype of float tensors (default: keep).")
+@fsync_option
 @force_option
 @json_option
 @quiet_option
-def unmerge(merged, adapters, output, scale, dtype, force, as_json, quiet):
+def unmerge(merged, adapters, output, scale, dtype, fsync, force, as_json, quiet):
     """Subtract adapters from a MERGED checkpoint: W = W' − scale·(alpha/r)·B A.
 
     Exact up to rounding in float32; in bfloat16 / float16 it is not an exact inverse, and the
@@ -72,5 +74,5 @@ def unmerge(merged, adapters, output, scale, dtype, force, as_json, quiet):
       minilora unmerge ./merged ./my-adapter -o ./base-again
     """
     report = merge_checkpoint(merged, list(adapters), output, scale=scale, dtype=dtype, force=force,
-                              quiet=quiet or as_json, sign=-1)
+                              quiet=quiet or as_json, sign=-1, durable=fsync)
     print_json(report) if as_json else _summary(report)

@@ -110,10 +110,11 @@ def _layout(ckpt, out):
 
 
 def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, quiet=True, sign=+1,
-                     requantize=False):
+                     requantize=False, durable=True):
     """Merge (``sign=+1``) or unmerge (``sign=-1``) adapters into ``base``; write ``out``; return a
     report dict. ``base``: file or model folder; ``adapters``: paths of PEFT adapters. An NF4 base
-    (bitsandbytes layout) is dequantised; ``requantize`` quantises the merged weights again."""
+    (bitsandbytes layout) is dequantised; ``requantize`` quantises the merged weights again.
+    ``durable``: fsync every output file before it is renamed into place (``SafetensorsWriter``)."""
     t0 = time.perf_counter()
     out = os.path.abspath(str(out))
     check_output(out, [base, *adapters], force)
@@ -123,17 +124,17 @@ def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, qu
         if quantized_weights(ckpt.keys()):
             from minilora.merge_nf4 import merge_quantized
 
-            rows = merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign)
+            rows = merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable)
             return _report(base, adapters, out, sign, rows, t0)
         if requantize:
             raise InputError("--requantize needs a 4-bit (bitsandbytes NF4/FP4) base", ckpt.path)
         patches, full = plan_patches(ckpt, adapters, scale, sign)
         single, shard_names = _layout(ckpt, out)
         if single:
-            rows = _write_shards(ckpt, patches, full, target, out, single, shard_names, quiet, sign)
+            rows = _write_shards(ckpt, patches, full, target, out, single, shard_names, quiet, sign, durable)
         else:
             with staged_folder(out) as stage:
-                rows = _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign)
+                rows = _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign, durable)
                 _copy_extras(ckpt, stage, rows)
     return _report(base, adapters, out, sign, rows, t0)
 
@@ -148,7 +149,7 @@ def _report(base, adapters, out, sign, rows, t0):
                        "mb_per_s": round(nbytes / max(seconds, 1e-9) / 1e6, 1)}}
 
 
-def _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign):
+def _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign, durable=True):
     rows = []
     total = sum(ckpt.info(k)[2] for k in ckpt.keys())
     with Progress(total, "merge" if sign > 0 else "unmerge", enabled=not quiet) as progress:
@@ -161,7 +162,8 @@ def _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet
             copied = {n for n in names if n not in patches and n not in full and out_dtype[n] == reader.info(n)[0]}
             merged = [n for n in names if n not in copied]
             buffer_bytes = max((reader.info(n)[2] for n in merged), default=0)
-            with SafetensorsWriter(path, entries, reader.metadata) as writer, TensorStream(buffer_bytes) as stream:
+            with SafetensorsWriter(path, entries, reader.metadata, durable) as writer, \
+                    TensorStream(buffer_bytes) as stream:
                 ahead = [stream.read(reader, merged[0])] if merged else []
                 done = 0  # tensors of `merged` taken from `ahead`
                 for name in names:

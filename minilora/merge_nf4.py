@@ -27,7 +27,7 @@ from minilora.safetensors_io import SafetensorsAppender
 
 
 
-def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign):
+def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable=True):
     """Merge ``adapters`` into the 4-bit checkpoint ``ckpt``; write the folder ``out``; return rows."""
     if ckpt.folder is None:
         raise InputError("a 4-bit base must be a model folder", ckpt.path)
@@ -57,7 +57,7 @@ def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign)
     total = sum(ckpt.info(k)[2] for k in ckpt.keys())
     with staged_folder(out) as stage, Progress(total, "merge", enabled=not quiet) as progress:
         for shard, reader in ckpt.readers.items():
-            with SafetensorsAppender(os.path.join(stage, shard), reader.metadata) as w:
+            with SafetensorsAppender(os.path.join(stage, shard), reader.metadata, durable) as w:
                 for name in reader.keys():
                     nbytes = reader.info(name)[2]
                     if name in owner and owner[name] in quantized:

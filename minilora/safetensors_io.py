@@ -222,10 +222,15 @@ class SafetensorsWriter(_Output):
     """Streaming writer: the header is fixed up front from ``entries = [(name, dtype, shape), ...]``,
     then tensors are written one at a time in that order. Data goes to a temporary file in the
     destination folder, renamed into place by ``close()``; an exception inside ``with`` removes it.
+    ``durable``: flush the file to disk (fsync) before the rename, so that not even a power cut can
+    leave a damaged file under the final name; writeback is started early to overlap the disk with
+    the work. Without it the page cache absorbs the writes (as ``cp`` does): a crash or Ctrl-C of this
+    process still never leaves a partial output, a power cut right after might.
     """
 
-    def __init__(self, path, entries, metadata=None):
+    def __init__(self, path, entries, metadata=None, durable=True):
         self.path = str(path)
+        self.durable = durable
         self._entries = [(n, np.dtype(d), tuple(s)) for n, d, s in entries]
         if len({n for n, _, _ in self._entries}) != len(self._entries):
             raise InputError("duplicate tensor names in the output", self.path)
@@ -247,7 +252,7 @@ class SafetensorsWriter(_Output):
         """Ask the kernel to start writing the dirty pages behind us (no wait, nothing evicted), so that
         the fsync in ``close()`` finds little left to do. A hint: ignored where unsupported."""
         end = self._file.tell()
-        if end - self._flushed >= every:
+        if self.durable and end - self._flushed >= every:
             _sync_file_range(self._file.fileno(), self._flushed, end - self._flushed)
             self._flushed = end
 
@@ -300,7 +305,8 @@ class SafetensorsWriter(_Output):
         if self._next != len(self._entries):
             self.abort()
             raise ValueError(f"{self.path}: only {self._next} of {len(self._entries)} tensors written")
-        os.fsync(self._file.fileno())
+        if self.durable:
+            os.fsync(self._file.fileno())
         self._file.close()
         os.chmod(self._tmp, 0o644)
         os.replace(self._tmp, self.path)
@@ -317,8 +323,8 @@ class SafetensorsAppender(_Output):
     to a temporary data file; ``close()`` writes header + data to a temporary file in the destination
     folder and renames it into place. Memory stays O(one tensor); the output bytes are copied once."""
 
-    def __init__(self, path, metadata=None):
-        self.path, self.metadata, self._entries = str(path), metadata, []
+    def __init__(self, path, metadata=None, durable=True):
+        self.path, self.metadata, self._entries, self.durable = str(path), metadata, [], durable
         folder = os.path.dirname(os.path.abspath(self.path))
         self._data = tempfile.TemporaryFile(dir=folder)
 
@@ -328,7 +334,7 @@ class SafetensorsAppender(_Output):
         self._data.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
 
     def close(self):
-        with SafetensorsWriter(self.path, self._entries, self.metadata) as w:
+        with SafetensorsWriter(self.path, self._entries, self.metadata, self.durable) as w:
             self._data.seek(0)
             for name, dtype, shape in self._entries:
                 w.write(name, raw=self._data.read(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize))

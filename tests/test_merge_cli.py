@@ -69,6 +69,19 @@ def test_merge_matches_the_reference_and_copies_the_rest(models, tmp_path):
     assert (tmp_path / "m" / "tokenizer.json").exists()
 
 
+def test_no_fsync_writes_the_same_bytes_and_fsync_is_called_by_default(models, tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    assert run("merge", models / "sharded", models / "adapter", "-o", tmp_path / "durable")[0] == 0
+    shards = len([f for f in os.listdir(models / "sharded") if f.startswith("model-")])
+    assert len(synced) == shards                       # one fsync per output shard, before its rename
+    synced.clear()
+    assert run("merge", models / "sharded", models / "adapter", "-o", tmp_path / "fast", "--no-fsync")[0] == 0
+    assert synced == []
+    assert tree_digest(tmp_path / "durable") == tree_digest(tmp_path / "fast")
+
+
 def test_sharded_base_gives_the_same_tensors_and_keeps_its_shards(models, tmp_path):
     assert run("merge", models / "base", models / "adapter", "-o", tmp_path / "one")[0] == 0
     assert run("merge", models / "sharded", models / "adapter", "-o", tmp_path / "many")[0] == 0

@@ -108,8 +108,25 @@ static void rows_ref(void *ctx, int tid, int64_t begin, int64_t end)
         for (int64_t k = 0; k < a->K; k++) merge_one(a, tid, n, k);
 }
 
+/* The last four lines of merge_one for 8 elements whose FMA sums are acc[0..8): the rare path of finish8. */
+static void finish8_scalar(merge_args *a, int tid, int64_t i, const float acc[8])
+{
+    for (int l = 0; l < 8; l++) {
+        float w = load_w(a->W, a->dtype, i + l);
+        float o = store_out(a->out, a->dtype, i + l, w + acc[l] * a->s);
+        if (isfinite(w) && !isfinite(o)) {
+            if (a->nonfinite[tid]++ == 0 || i + l < a->first[tid]) a->first[tid] = i + l;
+        } else if (isfinite(w) && fabsf(o - w) > a->max_delta[tid]) {
+            a->max_delta[tid] = fabsf(o - w);
+        }
+    }
+}
+
 /* Finish 8 elements W[i .. i+8) from their 8 FMA sums: o = w + acc * s, store_out, and the statistics.
- * The vector form of the last four lines of merge_one. */
+ * The vector form of the last four lines of merge_one, for the common case where w, o and the stored
+ * value are all finite (then |stored - w| is finite too, and is the statistic). Any other lane (NaN, inf,
+ * overflow on rounding) sends the 8 elements through finish8_scalar, which overwrites them with the
+ * reference statements - so the vector bf16 rounding need not get NaN right. */
 __attribute__((target("avx2,fma,f16c")))
 static inline void finish8(merge_args *a, int tid, int64_t i, __m256 acc, __m256 *maxd)
 {
@@ -128,13 +145,10 @@ static inline void finish8(merge_args *a, int tid, int64_t i, __m256 acc, __m256
         _mm256_storeu_ps((float *)a->out + i, o);
         ob = o;
     } else if (a->dtype == MINILORA_BFLOAT16) {
-        /* f32_to_bf16: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN lanes -> (u >> 16) | 0x40 */
+        /* f32_to_bf16 for non-NaN o: (u + 0x7FFF + ((u >> 16) & 1)) >> 16 */
         __m256i u = _mm256_castps_si256(o);
         __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
         __m256i rnd = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(o, o, _CMP_UNORD_Q));
-        __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-        rnd = _mm256_blendv_epi8(rnd, qnan, nan);
         __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rnd), _mm256_extracti128_si256(rnd, 1));
         _mm_storeu_si128((__m128i *)((uint16_t *)a->out + i), packed);
         ob = _mm256_castsi256_ps(_mm256_slli_epi32(rnd, 16));
@@ -143,14 +157,17 @@ static inline void finish8(merge_args *a, int tid, int64_t i, __m256 acc, __m256
         _mm_storeu_si128((__m128i *)((uint16_t *)a->out + i), h);
         ob = _mm256_cvtph_ps(h);
     }
-    /* statistics: finite w with non-finite out is counted (scalar, rare); else max |ob - w| */
-    __m256 w_fin = _mm256_cmp_ps(_mm256_andnot_ps(sign_mask, w), inf8, _CMP_LT_OQ);
-    __m256 o_fin = _mm256_cmp_ps(_mm256_andnot_ps(sign_mask, ob), inf8, _CMP_LT_OQ);
-    int bad = _mm256_movemask_ps(_mm256_andnot_ps(o_fin, w_fin));
-    for (int l = 0; bad; l++, bad >>= 1)
-        if (bad & 1) { if (a->nonfinite[tid]++ == 0 || i + l < a->first[tid]) a->first[tid] = i + l; }
+    /* d = |ob - w| is finite iff w and ob are (finite values cannot differ by more than FLT_MAX here:
+     * that would need |acc * s| > FLT_MAX, i.e. an infinite o); a NaN o is tested on its own. */
     __m256 d = _mm256_andnot_ps(sign_mask, _mm256_sub_ps(ob, w));
-    *maxd = _mm256_max_ps(*maxd, _mm256_and_ps(d, _mm256_and_ps(w_fin, o_fin)));
+    __m256 ok = _mm256_and_ps(_mm256_cmp_ps(d, inf8, _CMP_LT_OQ), _mm256_cmp_ps(o, o, _CMP_ORD_Q));
+    if (_mm256_movemask_ps(ok) != 0xFF) {
+        float lanes[8];
+        _mm256_storeu_ps(lanes, acc);
+        finish8_scalar(a, tid, i, lanes);
+        return;
+    }
+    *maxd = _mm256_max_ps(*maxd, d);
 }
 
 /* acc = fmaf(B[n,r], A[r,k], acc) for r = 0..R-1, eight columns per vector. Two rows x four vectors
@@ -167,8 +184,10 @@ static inline void two_rows32(merge_args *a, int tid, int64_t n, int64_t g, __m2
     __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00;                    /* row n+1 */
     for (int64_t r = 0; r < R; r++) {
         const __m256 b0 = _mm256_set1_ps(B0[r]), b1 = _mm256_set1_ps(B1[r]);
-        const __m256 q0 = _mm256_loadu_ps(p0 + r * 8), q1 = _mm256_loadu_ps(p1 + r * 8);
-        const __m256 q2 = _mm256_loadu_ps(p2 + r * 8), q3 = _mm256_loadu_ps(p3 + r * 8);
+        __m256 q0 = _mm256_loadu_ps(p0 + r * 8), q1 = _mm256_loadu_ps(p1 + r * 8);
+        __m256 q2 = _mm256_loadu_ps(p2 + r * 8), q3 = _mm256_loadu_ps(p3 + r * 8);
+        /* keep the four panel vectors in registers: folded into both rows' FMAs they would be loaded twice */
+        __asm__("" : "+x"(q0), "+x"(q1), "+x"(q2), "+x"(q3));
         c00 = _mm256_fmadd_ps(b0, q0, c00); c01 = _mm256_fmadd_ps(b0, q1, c01);
         c02 = _mm256_fmadd_ps(b0, q2, c02); c03 = _mm256_fmadd_ps(b0, q3, c03);
         c10 = _mm256_fmadd_ps(b1, q0, c10); c11 = _mm256_fmadd_ps(b1, q1, c11);

@@ -108,11 +108,12 @@ static void rows_ref(void *ctx, int tid, int64_t begin, int64_t end)
         for (int64_t k = 0; k < a->K; k++) merge_one(a, tid, n, k);
 }
 
-/* The last four lines of merge_one for 8 elements whose FMA sums are acc[0..8): the rare path of finish8. */
-static void finish8_scalar(merge_args *a, int tid, int64_t i, const float acc[8])
+/* The last four lines of merge_one for 8 elements whose FMA sums are acc[0..8) and whose base weights,
+ * as float32, are w_in[0..8) (read before finish8 stored anything: W may be the output): the rare path. */
+static void finish8_scalar(merge_args *a, int tid, int64_t i, const float acc[8], const float w_in[8])
 {
     for (int l = 0; l < 8; l++) {
-        float w = load_w(a->W, a->dtype, i + l);
+        float w = w_in[l];
         float o = store_out(a->out, a->dtype, i + l, w + acc[l] * a->s);
         if (isfinite(w) && !isfinite(o)) {
             if (a->nonfinite[tid]++ == 0 || i + l < a->first[tid]) a->first[tid] = i + l;
@@ -162,9 +163,10 @@ static inline void finish8(merge_args *a, int tid, int64_t i, __m256 acc, __m256
     __m256 d = _mm256_andnot_ps(sign_mask, _mm256_sub_ps(ob, w));
     __m256 ok = _mm256_and_ps(_mm256_cmp_ps(d, inf8, _CMP_LT_OQ), _mm256_cmp_ps(o, o, _CMP_ORD_Q));
     if (_mm256_movemask_ps(ok) != 0xFF) {
-        float lanes[8];
-        _mm256_storeu_ps(lanes, acc);
-        finish8_scalar(a, tid, i, lanes);
+        float acc_lanes[8], w_lanes[8];
+        _mm256_storeu_ps(acc_lanes, acc);
+        _mm256_storeu_ps(w_lanes, w);
+        finish8_scalar(a, tid, i, acc_lanes, w_lanes);
         return;
     }
     *maxd = _mm256_max_ps(*maxd, d);

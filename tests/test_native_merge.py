@@ -104,3 +104,18 @@ def test_out_must_fit_and_must_not_partly_overlap():
     big = np.zeros(80, np.float32)
     with pytest.raises(ValueError, match="overlaps"):
         native.merge_weight_stats(big[:64].reshape(4, 16), A, B, 1.0, out=big[16:].reshape(4, 16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_in_place_merge_reports_nan_and_overflow_like_a_fresh_output(dtype, variant):
+    W, A, B = _case(6, 45, 3, dtype, 6, scale=1.0)
+    W[0, 3], W[2, 40], W[5, 0] = np.nan, np.inf, -np.inf        # special base values stay, are not blamed
+    big = 3e38 if dtype != np.float16 else 1e5                  # and most lanes overflow
+    for s in (2.0, big, float("inf")):
+        ref = native.merge_weight_stats(W, A, B, s, variant=variant)
+        buf = W.copy()
+        got = native.merge_weight_stats(buf, A, B, s, variant=variant, out=buf)
+        assert got[1:] == ref[1:], s                             # max |Δ|, count, first index
+        assert buf.tobytes() == ref[0].tobytes(), s
+    assert ref[2] > 0

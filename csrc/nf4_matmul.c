@@ -12,7 +12,11 @@
  *   _ref:  one running sum per output, k ascending (depth K).
  *   GEMV:  per block, 4 x 8 lane partial sums of NF4[code] * x (FMA), folded, then scaled once by the
  *          block's absmax into an 8-lane row accumulator (FMA); "exact mode": every weight is decoded to its
- *          exact float32 NF4 value, no activation quantisation.
+ *          exact float32 NF4 value, no activation quantisation. The GEMV decoder of nf4_simd.h (one shuffle
+ *          per 32 weights fewer than nf4_decode32) yields a group of 64 weights in a permuted order, so x is
+ *          first copied once per call into that order:
+ *              xg[64g + pos(e)] = x[64g + e]  (0 for 64g + e >= K),  scratch: ceil(K/64) * 64 floats
+ *          With blocksize 32 a group holds two blocks, one per 128-bit lane, each scaled by its own absmax.
  *   GEMM:  see nf4_gemm.c (dequantised float32 weights, FMA, sums over k-slices of 256).
  * Threads split N; an output is computed by the same statements whichever thread computes it.
  */
@@ -73,50 +77,114 @@ int minilora_matmul_nf4_ref(const float *x, const uint8_t *packed, const float *
 }
 
 /* ------------------------------------------------------------------ AVX2 GEMV */
+/* Software prefetch distance for the weights: one 4096-wide row ahead. The hardware prefetchers stop at
+ * 4 KB pages; this measured 3-12 % faster for 4096 x 4096 and 11008 x 4096, warm and cold. */
+enum { GEMV_PREFETCH_BYTES = 2048 };
+
+static int64_t gemv_scratch_floats(int64_t K)
+{
+    return (K + 63) / 64 * 64;
+}
+
+/* xg[64g + pos(e)] = x[64g + e], zero-padded to a whole group: the order nf4_decode32_gemv yields. */
+static void gemv_order_x(const float *x, int64_t K, float *xg)
+{
+    for (int64_t g = 0; g < K; g += 64)
+        for (int e = 0; e < 64; e++) xg[g + nf4_gemv_position(e)] = g + e < K ? x[g + e] : 0.0f;
+}
+
+/* Replaces s += x[k] * NF4[code[k]] for the 64 k of a group (v: its 32 packed bytes, xg: x in GEMV order),
+ * into 4 x 8 lanes; each half is multiplied as soon as it is decoded (fewer live registers). */
+static inline NF4_AVX2 void gemv_dot64(__m256i v, const float *xg, const struct nf4_planes *planes,
+                                       __m256 *s0, __m256 *s1, __m256 *s2, __m256 *s3)
+{
+    __m256i codes[2];
+    nf4_split64(v, codes);
+    for (int h = 0; h < 2; h++) {
+        __m256 f[4];
+        nf4_decode32_gemv(codes[h], planes, f);
+        *s0 = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xg + 32 * h), *s0);
+        *s1 = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xg + 32 * h + 8), *s1);
+        *s2 = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xg + 32 * h + 16), *s2);
+        *s3 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xg + 32 * h + 24), *s3);
+    }
+}
+
+/* blocksize >= 64: whole groups per block */
 NF4_AVX2
 static void gemv_range_avx2(void *ctx, int tid, int64_t n0, int64_t n1)
+{
+    const struct mm_args *a = ctx;                       /* a->x is xg, x in GEMV order */
+    (void)tid;
+    const struct nf4_planes planes = nf4_planes_load();
+    const int64_t K = a->K, bs = a->bs;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *w_n = a->packed + n * K / 2;
+        const float *absmax_n = a->absmax + n * K / bs;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t kb = 0; kb < K; kb += bs) {
+            /* replaces acc += x[k] * NF4[code[k]] for the block's k, 64 at a time */
+            __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+            for (int64_t k = kb; k < kb + bs; k += 64) {
+                _mm_prefetch((const char *)(w_n + k / 2 + GEMV_PREFETCH_BYTES), _MM_HINT_T0);
+                gemv_dot64(_mm256_loadu_si256((const __m256i *)(w_n + k / 2)), a->x + k, &planes,
+                           &s0, &s1, &s2, &s3);
+            }
+            __m256 block = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(absmax_n[kb / bs]), block, acc);
+        }
+        a->y[n] = hsum_ps(acc);
+    }
+}
+
+/* blocksize 32: lane L of the group at k is block k/32 + L; a last half group (K % 64 == 32) reads only its
+ * 16 bytes, and its empty lane meets zeros in xg and a zero scale */
+NF4_AVX2
+static void gemv_range32_avx2(void *ctx, int tid, int64_t n0, int64_t n1)
 {
     const struct mm_args *a = ctx;
     (void)tid;
     const struct nf4_planes planes = nf4_planes_load();
+    const int64_t K = a->K;
     for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *w_n = a->packed + n * a->K / 2;
-        const float *absmax_n = a->absmax + n * a->K / a->bs;
+        const uint8_t *w_n = a->packed + n * K / 2;
+        const float *absmax_n = a->absmax + n * K / 32;
         __m256 acc = _mm256_setzero_ps();
-        for (int64_t kb = 0; kb < a->K; kb += a->bs) {
-            /* replaces acc += x[k] * NF4[code[k]] for the block's k, 32 at a time into 4 x 8 lanes */
-            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-            __m256 s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-            for (int64_t k = kb; k < kb + a->bs; k += 32) {
-                __m256 f[4];
-                nf4_decode32(w_n + k / 2, &planes, f);
-                s0 = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(a->x + k), s0);
-                s1 = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(a->x + k + 8), s1);
-                s2 = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(a->x + k + 16), s2);
-                s3 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(a->x + k + 24), s3);
-            }
+        for (int64_t k = 0; k < K; k += 64) {
+            _mm_prefetch((const char *)(w_n + k / 2 + GEMV_PREFETCH_BYTES), _MM_HINT_T0);
+            const int full = k + 64 <= K;
+            __m256i v = full ? _mm256_loadu_si256((const __m256i *)(w_n + k / 2))
+                             : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(w_n + k / 2)));
+            __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+            gemv_dot64(v, a->x + k, &planes, &s0, &s1, &s2, &s3);
             __m256 block = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(absmax_n[kb / a->bs]), block, acc);
+            __m256 scale = _mm256_setr_m128(_mm_set1_ps(absmax_n[k / 32]),
+                                            _mm_set1_ps(full ? absmax_n[k / 32 + 1] : 0.0f));
+            acc = _mm256_fmadd_ps(scale, block, acc);
         }
         a->y[n] = hsum_ps(acc);
     }
 }
 
 int minilora_gemv_nf4_avx2(const float *x, const uint8_t *packed, const float *absmax,
-                           int64_t N, int64_t K, int64_t blocksize, float *y, int nthreads)
+                           int64_t N, int64_t K, int64_t blocksize, float *y,
+                           void *scratch, int64_t scratch_bytes, int nthreads)
 {
     if (!minilora_cpu_has_avx2()) return MINILORA_ENOCPU;
     if (!mm_valid(x, packed, absmax, 1, N, K, blocksize, y)) return MINILORA_EINVAL;
-    struct mm_args a = {x, packed, absmax, 1, N, K, blocksize, y};
+    if (!scratch || scratch_bytes < gemv_scratch_floats(K) * (int64_t)sizeof(float)) return MINILORA_EINVAL;
+    float *xg = scratch;
+    gemv_order_x(x, K, xg);
+    struct mm_args a = {xg, packed, absmax, 1, N, K, blocksize, y};
     int threads = minilora_resolve_threads(nthreads, N * K / 2);
-    return minilora_parallel_for(threads, N, 16, gemv_range_avx2, &a);
+    return minilora_parallel_for(threads, N, 16, blocksize == 32 ? gemv_range32_avx2 : gemv_range_avx2, &a);
 }
 
 /* ------------------------------------------------------------------ scratch and dispatch */
 int64_t minilora_matmul_nf4_scratch_bytes(int64_t M, int64_t N, int64_t K, int nthreads)
 {
     if (M < 1 || N < 1 || K < 1) return -1;
-    if (M == 1) return 0;                                /* GEMV needs none */
+    if (M == 1) return gemv_scratch_floats(K) * (int64_t)sizeof(float);   /* x in GEMV order */
     int64_t floats = 0;
     minilora_gemm_scratch_floats(M, K, minilora_resolve_threads(nthreads, N * K / 2 * M), &floats);
     return floats * (int64_t)sizeof(float);
@@ -126,7 +194,7 @@ int minilora_matmul_nf4_avx2(const float *x, const uint8_t *packed, const float 
                              int64_t M, int64_t N, int64_t K, int64_t blocksize, float *y,
                              void *scratch, int64_t scratch_bytes, int nthreads)
 {
-    if (M == 1) return minilora_gemv_nf4_avx2(x, packed, absmax, N, K, blocksize, y, nthreads);
+    if (M == 1) return minilora_gemv_nf4_avx2(x, packed, absmax, N, K, blocksize, y, scratch, scratch_bytes, nthreads);
     return minilora_gemm_nf4_avx2(x, packed, absmax, M, N, K, blocksize, y, scratch, scratch_bytes, nthreads);
 }
 

@@ -237,6 +237,23 @@ def test_matmul_within_derived_bound(variant, M, N, kblocks, blocksize, threads,
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+@pytest.mark.parametrize("kblocks", [1, 2, 3, 5])
+def test_gemv_one_hot_x_reads_each_weight(variant, blocksize, kblocks):
+    """M = 1 with x = e_k gives column k of dequant(W) exactly (one nonzero product, exact zeros elsewhere):
+    checks the AVX2 GEMV's reordering of x for every k, with half groups of 64 (blocksize 32, odd kblocks)."""
+    N, K = 19, kblocks * blocksize
+    rng = np.random.default_rng(blocksize + kblocks)
+    packed, absmax = nf4.quantize_nf4(rng.standard_normal((N, K)).astype(np.float32), blocksize)
+    w = nf4.dequantize_nf4(packed, absmax, (N, K), np.float32, blocksize)  # (N, K)
+    for k in range(K):
+        x = np.zeros((1, K), np.float32)  # (1, K)
+        x[0, k] = 1.0
+        out = native.matmul_nf4(x, packed, absmax, N, K, blocksize, variant=variant, num_threads=1)  # (1, N)
+        np.testing.assert_array_equal(out[0], w[:, k])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_matmul_thread_count_changes_no_bit(variant):
     rng = np.random.default_rng(5)
     N, K = 77, 256

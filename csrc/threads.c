@@ -9,8 +9,9 @@
  * from stalling on a descheduled worker: the caller simply runs the chunks that nobody has taken.
  *
  * Why not OpenMP: its default spin-waiting next to OpenBLAS's threads on 2 vCPUs turned a 0.35 ms GEMV
- * into 4-7.5 ms (spec/kernels.md). Workers here spin briefly (~60 microseconds) for the next job, then
- * sleep on a condition variable.
+ * into 4-7.5 ms (spec/kernels.md). Workers here spin briefly (~160 microseconds: longer than the Python
+ * between two calls of a decode loop, measured 10-15 % faster GEMV bursts than ~60 us) for the next job,
+ * then sleep on a condition variable.
  *
  * Safety: a job's chunk counter carries the job's generation, so a worker that wakes late can never
  * claim a chunk of a later job with the earlier job's ctx; the caller returns only when every chunk has
@@ -24,7 +25,7 @@
 #include <unistd.h>
 #include "minilora.h"
 
-enum { SPIN_ITERATIONS = 2000 };            /* ~60 us of PAUSE (~30 ns each on Zen 3), then sleep */
+enum { SPIN_ITERATIONS = 6000 };            /* ~160 us of PAUSE (~26 ns each here), then sleep */
 static const int64_t SMALL_WORK = 1 << 18;  /* bytes below which one thread is faster */
 
 struct job {

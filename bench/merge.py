@@ -264,7 +264,10 @@ def main(argv=None):
             "cores": os.cpu_count(), "ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
             "versions": versions(), "threads": args.threads,
             "method": (f"each job in a fresh subprocess; {args.repeat} alternating round(s) of copy → copy_fsync → "
-                       f"minilora → minilora_nofsync → PEFT, best wall kept (round 1 warms the page cache); os.sync() between jobs; "
+                       f"minilora → minilora_nofsync → PEFT, best wall kept (round 1 warms the page cache); "
+                       f"os.sync() between jobs; each output is deleted after its job (but minilora's and PEFT's last "
+                       f"ones, compared bit for bit), since on this VM writing into memory still full of earlier "
+                       f"outputs costs seconds of page reclaim; "
                        f"wall excludes interpreter start + imports; peak RSS = child's VmHWM; "
                        f"MB/s = checkpoint bytes / wall; CPU s = user + system of the job; {args.threads} torch/BLAS threads; "
                        f"1-min load average before the jobs: {{loads}} (other work on the machine skews wall times); copy = "
@@ -277,6 +280,8 @@ def main(argv=None):
         for rnd in range(args.repeat):
             for kind in CONTENDERS:
                 r = spawn(kind, base, adapter, os.path.join(folder, f"out-{kind}"), args.threads)
+                if kind not in ("minilora", "peft") or rnd + 1 < args.repeat:  # those two are compared below
+                    shutil.rmtree(os.path.join(folder, f"out-{kind}"))  # every job finds the same free memory
                 log(f"[{size} GB] round {rnd + 1} {kind:16s} {r['wall_s']:7.2f} s  CPU {r['cpu_s']:6.2f} s  "
                     f"peak RSS {r['peak_rss_mib']:6.0f} MiB  load {r['load_before']:.1f}  {r['split']}")
                 best = runs[kind]

@@ -150,20 +150,21 @@ def _report(base, adapters, out, sign, rows, t0):
 
 
 def _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign, durable=True):
-    rows = []
+    rows, plans = [], []
+    for shard, reader in zip(shard_names, ckpt.readers.values()):
+        names = reader.keys()
+        out_dtype = {n: target if target is not None and is_float(reader.info(n)[0]) else reader.info(n)[0]
+                     for n in names}
+        copied = {n for n in names if n not in patches and n not in full and out_dtype[n] == reader.info(n)[0]}
+        plans.append((shard, reader, names, out_dtype, copied, [n for n in names if n not in copied]))
+    buffer_bytes = max((reader.info(n)[2] for _, reader, _, _, _, merged in plans for n in merged), default=0)
     total = sum(ckpt.info(k)[2] for k in ckpt.keys())
-    with Progress(total, "merge" if sign > 0 else "unmerge", enabled=not quiet) as progress:
-        for shard, reader in zip(shard_names, ckpt.readers.values()):
-            names = reader.keys()
-            out_dtype = {n: target if target is not None and is_float(reader.info(n)[0])
-                         else reader.info(n)[0] for n in names}
+    with Progress(total, "merge" if sign > 0 else "unmerge", enabled=not quiet) as progress, \
+            TensorStream(buffer_bytes) as stream:   # one buffer pool for every shard
+        for shard, reader, names, out_dtype, copied, merged in plans:
             entries = [(n, out_dtype[n], reader.info(n)[1]) for n in names]
             path = stage if single else os.path.join(stage, shard)
-            copied = {n for n in names if n not in patches and n not in full and out_dtype[n] == reader.info(n)[0]}
-            merged = [n for n in names if n not in copied]
-            buffer_bytes = max((reader.info(n)[2] for n in merged), default=0)
-            with SafetensorsWriter(path, entries, reader.metadata, durable) as writer, \
-                    TensorStream(buffer_bytes) as stream:
+            with SafetensorsWriter(path, entries, reader.metadata, durable) as writer:
                 ahead = [stream.read(reader, merged[0])] if merged else []
                 done = 0  # tensors of `merged` taken from `ahead`
                 for name in names:
@@ -180,7 +181,7 @@ def _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet
                         stream.write(writer, name, array=row.pop("_array"), release=buf)
                     rows.append(row)
                     progress.update(row["bytes"], name)
-                stream.drain()
+                stream.drain()   # this shard's writes are done before its writer closes (fsync, rename)
     return rows
 
 

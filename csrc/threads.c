@@ -134,7 +134,7 @@ int minilora_parallel_for(int nthreads, int64_t n, int64_t grain,
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MINILORA_MAX_THREADS) nthreads = MINILORA_MAX_THREADS;
     int64_t grains = (n + grain - 1) / grain;
-    int64_t per_chunk = (grains + 4 * nthreads - 1) / (4 * nthreads);   /* ~4 chunks per thread */
+    int64_t per_chunk = (grains + 16 * nthreads - 1) / (16 * nthreads);   /* ~16 chunks per thread: a late thread leaves a short tail */
     struct job j = {fn, ctx, n, (per_chunk > 0 ? per_chunk : 1) * grain, 0, nthreads, 0};
     j.nchunks = (n + j.chunk - 1) / j.chunk;
     if (nthreads == 1 || j.nchunks < 2 || pthread_mutex_trylock(&call_mu) != 0) {

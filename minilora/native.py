@@ -193,26 +193,50 @@ def dequantize_absmax(codes, nested_absmax, offset, *, variant="auto"):
 
 def matmul_nf4(x, packed, absmax, N, K, blocksize=DEFAULT_BLOCKSIZE, *, variant="auto", num_threads=None):
     """y = x @ dequant(W).T with W (N, K) NF4: x (M, K) -> y float32 (M, N), accumulated in float32."""
-    fn = _kernel("matmul_nf4", variant)
-    if not isinstance(x, np.ndarray) or x.dtype not in _IN_DTYPES:
-        raise TypeError(f"x must be a float32/float16/bfloat16 ndarray, got {getattr(x, 'dtype', type(x).__name__)}")
-    if x.ndim != 2 or x.shape[1] != K:
-        raise ValueError(f"x must be (M, K) with K={K}, got shape {x.shape}")
-    packed, absmax, (N, K), _, blocksize = _check_state(packed, absmax, (N, K), blocksize)
-    if K % blocksize:
-        raise ValueError(f"native matmul_nf4 needs K % blocksize == 0, got K={K}, blocksize={blocksize}; "
-                         "use minilora.nf4.matmul_nf4 for blocks that span rows")
-    xf = _float32_input(x, "x")  # (M, K)
-    M = xf.shape[0]
-    y = np.empty((M, N), dtype=np.float32)  # (M, N)
-    if M == 0:
+    return PackedNF4(packed, absmax, N, K, blocksize, variant=variant, num_threads=num_threads).matmul(x)
+
+
+class PackedNF4:
+    """W (N, K) in bitsandbytes' NF4 layout, checked once, for repeated ``y = x @ dequant(W).T``.
+
+    A decode loop calls the GEMV once per token with the same weights; the checks of the state, the
+    kernel choice and the pointers to W are done here once, so a call of ``matmul`` only checks x. The
+    arrays are referenced, not copied: do not modify them while this object is in use.
+
+    >>> # w = PackedNF4(packed, absmax, N, K); y = w.matmul(x)   # x (M, K) -> y (M, N) float32
+    """
+
+    def __init__(self, packed, absmax, N, K, blocksize=DEFAULT_BLOCKSIZE, *, variant="auto", num_threads=None):
+        self._fn = _kernel("matmul_nf4", variant)
+        packed, absmax, (self.N, self.K), _, self.blocksize = _check_state(packed, absmax, (N, K), blocksize)
+        if self.K % self.blocksize:
+            raise ValueError(f"native matmul_nf4 needs K % blocksize == 0, got K={self.K}, "
+                             f"blocksize={self.blocksize}; use minilora.nf4.matmul_nf4 for blocks that span rows")
+        self._threads = _threads(num_threads)
+        self._arrays = packed, absmax  # keep the buffers alive as long as the pointers
+        self._packed, self._absmax = _ptr("uint8_t", packed), _ptr("float", absmax)
+        self._scratch_bytes = {}     # M -> bytes
+
+    def matmul(self, x):
+        """``x (M, K)`` float32 / float16 / bfloat16 → ``y (M, N)`` float32."""
+        if not isinstance(x, np.ndarray) or x.dtype not in _IN_DTYPES:
+            raise TypeError(f"x must be a float32/float16/bfloat16 ndarray, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim != 2 or x.shape[1] != self.K:
+            raise ValueError(f"x must be (M, K) with K={self.K}, got shape {x.shape}")
+        xf = _float32_input(x, "x")  # (M, K)
+        M = xf.shape[0]
+        y = np.empty((M, self.N), dtype=np.float32)  # (M, N)
+        if M == 0:
+            return y
+        nbytes = self._scratch_bytes.get(M)
+        if nbytes is None:
+            nbytes = self._scratch_bytes[M] = max(
+                lib.minilora_matmul_nf4_scratch_bytes(M, self.N, self.K, self._threads), 0)
+        scratch = np.empty(nbytes, dtype=np.uint8)  # per call: two threads may share this object
+        status = self._fn(_ptr("float", xf), self._packed, self._absmax, M, self.N, self.K, self.blocksize,
+                          _ptr("float", y), _ptr("uint8_t", scratch), nbytes, self._threads)
+        _check(status, "matmul_nf4")
         return y
-    threads = _threads(num_threads)
-    scratch = np.empty(max(lib.minilora_matmul_nf4_scratch_bytes(M, N, K, threads), 0), dtype=np.uint8)
-    status = fn(_ptr("float", xf), _ptr("uint8_t", packed), _ptr("float", absmax), M, N, K, blocksize,
-                _ptr("float", y), _ptr("uint8_t", scratch), scratch.size, threads)
-    _check(status, "matmul_nf4")
-    return y
 
 
 # ---------------------------------------------------------------- LoRA merge (csrc/lora_merge.c)

@@ -237,6 +237,25 @@ def test_matmul_within_derived_bound(variant, M, N, kblocks, blocksize, threads,
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_prepared_weights_give_matmul_nf4_bits_for_every_m(variant):
+    rng = np.random.default_rng(3)
+    N, K = 13, 192
+    packed, absmax = nf4.quantize_nf4(rng.standard_normal((N, K)).astype(np.float32), 64)
+    w = native.PackedNF4(packed, absmax, N, K, 64, variant=variant, num_threads=2)
+    for M in (1, 5, 1, 64, 2):   # the scratch size per M is remembered; a GEMV after a GEMM is still a GEMV
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        assert w.matmul(x).tobytes() == native.matmul_nf4(x, packed, absmax, N, K, 64, variant=variant,
+                                                          num_threads=2).tobytes()
+    assert w.matmul(np.zeros((0, K), np.float32)).shape == (0, N)
+    with pytest.raises(ValueError, match="K=192"):
+        w.matmul(np.zeros((1, 191), np.float32))
+    with pytest.raises(TypeError):
+        w.matmul(np.zeros((1, K), np.float64))
+    with pytest.raises(ValueError):   # the state is checked once, up front, with the reference's errors
+        native.PackedNF4(packed[:-1], absmax, N, K, 64)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("blocksize", [32, 64, 128])
 @pytest.mark.parametrize("kblocks", [1, 2, 3, 5])
 def test_gemv_one_hot_x_reads_each_weight(variant, blocksize, kblocks):

@@ -39,3 +39,15 @@ def test_no_toplevel_cli_module_installed():
 
     spec = importlib.util.find_spec("cli")
     assert spec is None, f"a generic top-level 'cli' module is importable from {spec.origin}"
+
+
+def test_readme_library_example_runs(tmp_path):
+    import os
+    import re
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    text = open(readme, encoding="utf-8").read()
+    code = re.search(r"## As a library\n+```python\n(.*?)```", text, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md (As a library)", "exec"), namespace)  # noqa: S102  (our own README)
+    assert namespace["y"].shape == (1, 64) and namespace["W2"].shape == (64, 128)

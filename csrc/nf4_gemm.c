@@ -3,12 +3,13 @@
  * Formula and layouts as in nf4_matmul.c (K % bs == 0; W packed row-major, element 2i in the HIGH nibble).
  * Method (spec/kernels.md): the activations are copied once into k-major panels of 16 rows,
  *     xp[p][k][i] = x[16p + i][k]  (zero for 16p + i >= M),      scratch: ceil(M/16) * 16 * K floats
- * then each thread takes its strips of 6 weight rows in chunks of 16 strips; per k-slice of 256 it
+ * then each thread takes its strips of 6 weight rows in chunks of 16 strips; per k-slice of 512 it
  * dequantises the chunk to float32 in its own buffer (bit-identical to minilora_dequantize_nf4),
- *     ws[r][k] = float32(NF4[code((n0 + r)*K + k)] * absmax[...])   scratch: 16*6*256 floats per thread
+ *     ws[r][k] = float32(NF4[code((n0 + r)*K + k)] * absmax[...])   scratch: 16*6*512 floats per thread
  * and runs a 6 x 16 FMA microkernel for every (panel, strip) pair of the slice:
  *     acc[r][i] = sum_{k in slice} xp[p][k][i] * ws[r][k]  (FMA, k ascending);  y[16p+i, n0+r] += acc
- * so every output is a float32 sum of K/256 slice sums of <= 256 FMA terms (depth <= K, bound gamma_K).
+ * so every output is a float32 sum of K/512 slice sums of <= 512 FMA terms (depth <= K, bound gamma_K).
+ * (Slices of 512 rather than 256: half the read-modify-writes of the y tiles; measured 1-12 % faster.)
  * The 12 accumulators are named variables: GCC 12 spills an accumulator array to the stack (kernels.md).
  */
 #include <immintrin.h>
@@ -17,8 +18,8 @@
 #include "minilora.h"
 #include "nf4_simd.h"
 
-/* strip rows, panel rows, k-slice, strips per chunk, activation rows per pass (x slices of a pass: 128 KB) */
-enum { MR = 6, NR = 16, KC = 256, CHUNK = 16, MC = 128 };
+/* strip rows, panel rows, k-slice, strips per chunk, activation rows per pass (x slices of a pass: 256 KB) */
+enum { MR = 6, NR = 16, KC = 512, CHUNK = 16, MC = 128 };
 
 int minilora_gemm_scratch_floats(int64_t M, int64_t K, int nthreads, int64_t *floats)
 {

@@ -97,7 +97,7 @@ static void microkernel(const float *xp_k, const float *ws, int64_t kc, int firs
 }
 
 /* Strips [s0, s1) of this thread, CHUNK strips at a time: per k-slice, dequantise the chunk (CHUNK*MR x KC
- * floats, L2-resident), then each activation panel's slice (16 KB, L1-resident) meets every strip. */
+ * floats, L2-resident), then each activation panel's slice (32 KB, L1 / L2) meets every strip. */
 NF4_AVX2
 static void gemm_range_avx2(void *ctx, int tid, int64_t s0, int64_t s1)
 {

@@ -165,23 +165,35 @@ def _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet
             entries = [(n, out_dtype[n], reader.info(n)[1]) for n in names]
             path = stage if single else os.path.join(stage, shard)
             with SafetensorsWriter(path, entries, reader.metadata, durable) as writer:
-                ahead = [stream.read(reader, merged[0])] if merged else []
-                done = 0  # tensors of `merged` taken from `ahead`
-                for name in names:
-                    if name in copied:  # byte-identical copy, file to file
-                        stream.write(writer, name, copy_from=reader)
-                        row = _row(reader, name, [], out_dtype[name])
-                    else:
-                        W, buf = ahead.pop(0).result()
-                        done += 1
-                        if done < len(merged):  # tensor i+1 is read while tensor i is merged
-                            ahead.append(stream.read(reader, merged[done]))
-                        row = _process(reader, name, W, patches.get(name, []), full.get(name), out_dtype[name],
-                                       sign, owned=True)
-                        stream.write(writer, name, array=row.pop("_array"), release=buf)
-                    rows.append(row)
-                    progress.update(row["bytes"], name)
-                stream.drain()   # this shard's writes are done before its writer closes (fsync, rename)
+                try:
+                    rows += _stream_shard(reader, names, out_dtype, copied, merged, patches, full, sign, writer,
+                                          stream, progress)
+                    stream.drain()  # this shard's writes are done before its writer closes (fsync, rename)
+                except BaseException:
+                    stream.cancel()  # nothing may still write into the file that the writer removes
+                    raise
+    return rows
+
+
+def _stream_shard(reader, names, out_dtype, copied, merged, patches, full, sign, writer, stream, progress):
+    """Queue every tensor of one shard on ``stream``'s writer, in file order; return the report rows."""
+    rows = []
+    ahead = [stream.read(reader, merged[0])] if merged else []
+    done = 0  # tensors of `merged` taken from `ahead`
+    for name in names:
+        if name in copied:  # byte-identical copy, file to file
+            stream.write(writer, name, copy_from=reader)
+            row = _row(reader, name, [], out_dtype[name])
+        else:
+            W, buf = ahead.pop(0).result()
+            done += 1
+            if done < len(merged):  # tensor i+1 is read while tensor i is merged
+                ahead.append(stream.read(reader, merged[done]))
+            row = _process(reader, name, W, patches.get(name, []), full.get(name), out_dtype[name], sign,
+                           owned=True)
+            stream.write(writer, name, array=row.pop("_array"), release=buf)
+        rows.append(row)
+        progress.update(row["bytes"], name)
     return rows
 
 

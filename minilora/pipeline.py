@@ -77,6 +77,18 @@ class TensorStream:
         while self._pending:
             self._pending.pop(0).result()
 
+    def cancel(self):
+        """Drop the queued writes and wait for the one running, raising nothing (the caller is failing
+        already): afterwards no thread writes into a file the caller is about to remove."""
+        for f in self._pending:
+            f.cancel()
+        for f in self._pending:
+            try:
+                f.result()
+            except BaseException:  # noqa: BLE001  (CancelledError, or the write's own error)
+                pass
+        self._pending = []
+
     def close(self):
         self._closed = True
         for _ in range(self._count):         # wake a read waiting for a buffer that will never come back

@@ -61,3 +61,25 @@ def test_close_does_not_hang_on_a_read_waiting_for_a_buffer(tmp_path):
     t.start()
     t.join(10)
     assert done.is_set()
+
+
+def test_cancel_drops_queued_writes_and_waits_for_the_running_one():
+    import time
+
+    class SlowWriter:
+        def __init__(self):
+            self.started, self.finished = [], []
+
+        def write(self, name, array):
+            self.started.append(name)
+            time.sleep(0.2)
+            self.finished.append(name)
+
+    w = SlowWriter()
+    with TensorStream(64) as s:
+        for name in ("a", "b", "c"):
+            s.write(w, name, array=None)
+        time.sleep(0.05)                       # "a" is running, "b" and "c" wait
+        s.cancel()
+        assert w.started == w.finished == ["a"]  # nothing runs after cancel() returns
+        s.drain()                              # nothing left to raise

@@ -26,6 +26,7 @@ ffibuilder.set_source(
     '#include <stdint.h>\n#include "minilora.h"',
     sources=sorted(os.path.relpath(p) for p in glob.glob(os.path.join(HERE, "*.c"))),
     include_dirs=[os.path.relpath(HERE)],
+    depends=sorted(os.path.relpath(p) for p in glob.glob(os.path.join(HERE, "*.h"))),  # rebuild on header edits
     extra_compile_args=["-O3", "-std=c11", "-fno-fast-math", "-ffp-contract=off", "-D_GNU_SOURCE"],
     libraries=["pthread", "m"],
 )

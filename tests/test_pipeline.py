@@ -79,7 +79,9 @@ def test_cancel_drops_queued_writes_and_waits_for_the_running_one():
     with TensorStream(64) as s:
         for name in ("a", "b", "c"):
             s.write(w, name, array=None)
-        time.sleep(0.05)                       # "a" is running, "b" and "c" wait
+        deadline = time.monotonic() + 10
+        while not w.started and time.monotonic() < deadline:
+            time.sleep(0.001)                  # until "a" runs; "b" and "c" wait behind it
         s.cancel()
         assert w.started == w.finished == ["a"]  # nothing runs after cancel() returns
         s.drain()                              # nothing left to raise

@@ -54,6 +54,16 @@ def _flat_float32(x, name="x"):
     return x.astype(np.float32).reshape(-1)  # (n,) every input dtype converts to float32 exactly
 
 
+def _check_packed(packed, n, what):
+    """packed must be a uint8 ndarray of (n+1)//2 bytes; ``what`` names n in the message."""
+    if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8:
+        got = packed.dtype if isinstance(packed, np.ndarray) else type(packed).__name__
+        raise TypeError(f"packed must be a uint8 ndarray, got {got}")
+    if packed.size != (n + 1) // 2:
+        raise ValueError(f"packed has {packed.size} bytes (shape {packed.shape}); "
+                         f"{what} needs (n+1)//2 = {(n + 1) // 2}")
+
+
 def check_state(packed, absmax, shape, blocksize):
     """Validate a packed tensor against its shape and blocksize; ``(shape, n, blocksize)``. Shared by every
     backend, so a bad argument raises the same exception with the same message everywhere."""
@@ -65,12 +75,7 @@ def check_state(packed, absmax, shape, blocksize):
     n = int(np.prod(shape, dtype=np.int64))
     if any(d < 0 for d in shape) or n == 0:
         raise ValueError(f"shape {shape} must have positive size")
-    if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8:
-        got = packed.dtype if isinstance(packed, np.ndarray) else type(packed).__name__
-        raise TypeError(f"packed must be a uint8 ndarray, got {got}")
-    if packed.size != (n + 1) // 2:
-        raise ValueError(f"packed has {packed.size} bytes (shape {packed.shape}); "
-                         f"shape {shape} needs (n+1)//2 = {(n + 1) // 2}")
+    _check_packed(packed, n, f"shape {shape}")
     if not isinstance(absmax, np.ndarray) or absmax.dtype != np.float32:
         got = absmax.dtype if isinstance(absmax, np.ndarray) else type(absmax).__name__
         raise TypeError(f"absmax must be a float32 ndarray, got {got}")
@@ -127,12 +132,7 @@ def pack_nibbles(codes, pad=ZERO_CODE):
 
 def unpack_nibbles(packed, n):
     """Inverse of ``pack_nibbles``: uint8 ((n+1)//2, 1) (any shape of that size) -> uint8 codes (n,)."""
-    if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8:
-        got = packed.dtype if isinstance(packed, np.ndarray) else type(packed).__name__
-        raise TypeError(f"packed must be a uint8 ndarray, got {got}")
-    if packed.size != (n + 1) // 2:
-        raise ValueError(f"packed has {packed.size} bytes (shape {packed.shape}); "
-                         f"n={n} needs (n+1)//2 = {(n + 1) // 2}")
+    _check_packed(packed, n, f"n={n}")
     flat = packed.reshape(-1)  # ((n+1)//2,)
     return np.stack([flat >> 4, flat & 0xF], axis=1).reshape(-1)[:n]  # (n,)
 

@@ -50,15 +50,19 @@ def race(contenders, reps):
     that steals a core from whatever runs next (spec/kernels.md "Traps"). So after a contender that uses
     them the race pauses 0.15 s, untimed, and no contender is measured next to another one's spinners.
     """
+    return _race(contenders, reps, time.perf_counter)
+
+
+def _race(contenders, reps, clock):
     for fn in contenders.values():
         fn()  # warm up: page faults, lazy thread start
         time.sleep(0.15)
     times = {name: [] for name in contenders}
     for _ in range(reps):
         for name, fn in contenders.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
             if name.startswith(SPINNERS):
                 time.sleep(0.15)
     return {name: (min(t), statistics.median(t)) for name, t in times.items()}
@@ -66,17 +70,7 @@ def race(contenders, reps):
 
 def race_cpu(contenders, reps):
     """As race, but thread CPU time of the calling thread: for 1-thread runs, robust to load from elsewhere."""
-    for fn in contenders.values():
-        fn()
-    times = {name: [] for name in contenders}
-    for _ in range(reps):
-        for name, fn in contenders.items():
-            start = time.thread_time()
-            fn()
-            times[name].append(time.thread_time() - start)
-            if name.startswith(SPINNERS):
-                time.sleep(0.15)
-    return {name: min(t) for name, t in times.items()}
+    return {name: best for name, (best, _) in _race(contenders, reps, time.thread_time).items()}
 
 
 def burst(fn, n):

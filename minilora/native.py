@@ -215,7 +215,6 @@ class PackedNF4:
         self._threads = _threads(num_threads)
         self._arrays = packed, absmax  # keep the buffers alive as long as the pointers
         self._packed, self._absmax = _ptr("uint8_t", packed), _ptr("float", absmax)
-        self._scratch_bytes = {}     # M -> bytes
 
     def matmul(self, x):
         """``x (M, K)`` float32 / float16 / bfloat16 → ``y (M, N)`` float32."""
@@ -228,10 +227,7 @@ class PackedNF4:
         y = np.empty((M, self.N), dtype=np.float32)  # (M, N)
         if M == 0:
             return y
-        nbytes = self._scratch_bytes.get(M)
-        if nbytes is None:
-            nbytes = self._scratch_bytes[M] = max(
-                lib.minilora_matmul_nf4_scratch_bytes(M, self.N, self.K, self._threads), 0)
+        nbytes = max(lib.minilora_matmul_nf4_scratch_bytes(M, self.N, self.K, self._threads), 0)
         scratch = np.empty(nbytes, dtype=np.uint8)  # per call: two threads may share this object
         status = self._fn(_ptr("float", xf), self._packed, self._absmax, M, self.N, self.K, self.blocksize,
                           _ptr("float", y), _ptr("uint8_t", scratch), nbytes, self._threads)

@@ -242,7 +242,7 @@ def test_prepared_weights_give_matmul_nf4_bits_for_every_m(variant):
     N, K = 13, 192
     packed, absmax = nf4.quantize_nf4(rng.standard_normal((N, K)).astype(np.float32), 64)
     w = native.PackedNF4(packed, absmax, N, K, 64, variant=variant, num_threads=2)
-    for M in (1, 5, 1, 64, 2):   # the scratch size per M is remembered; a GEMV after a GEMM is still a GEMV
+    for M in (1, 5, 1, 64, 2):   # one object for GEMV and GEMM calls in any order
         x = rng.standard_normal((M, K)).astype(np.float32)
         assert w.matmul(x).tobytes() == native.matmul_nf4(x, packed, absmax, N, K, 64, variant=variant,
                                                           num_threads=2).tobytes()

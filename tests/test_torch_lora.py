@@ -136,6 +136,61 @@ def test_lora_linear_forward_and_gradients(device, p):
     assert layer.base.weight.grad is None and layer.base.bias.grad is None
 
 
+@st.composite
+def groups(draw):
+    """2–3 LoRA layers on one x (q/k/v, gate/up): own N, R, alpha, rsLoRA each."""
+    M, K, n = draw(st.integers(1, 9)), draw(st.sampled_from(SIZES)), draw(st.integers(2, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    f32 = lambda *shape, scale=1.0: (rng.standard_normal(shape) * scale).astype(np.float32)  # noqa: E731
+    x, layers = f32(M, K), []
+    for _ in range(n):
+        N, R = draw(st.sampled_from(SIZES)), draw(st.integers(1, 8))
+        use_rslora, alpha = draw(st.booleans()), draw(st.sampled_from([1, 8, 16, 32]))
+        layers.append(dict(x=x, W=f32(N, K, scale=0.5), A=f32(R, K), B=f32(N, R), b=f32(N), g=f32(M, N), R=R,
+                           alpha=alpha, use_rslora=use_rslora, s=ref.scaling(alpha, R, use_rslora)))
+    return layers, draw(st.booleans())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(deadline=None)
+@given(case=groups())
+def test_grouped_lora_layers_follow_the_reference(device, case):
+    """``grouped_forward`` (one LoraGroupFunction): each output and every gradient within the bounds of one
+    layer; ∂L/∂x sums the layers' terms (n − 1 more additions)."""
+    ps, x_grad = case
+    layers = [make_layer(p, device) for p in ps]
+    x = torch.from_numpy(ps[0]["x"]).to(device).requires_grad_(x_grad)
+    ys = tlora.grouped_forward(x, layers)
+    assert len(ys) == len(ps)
+    torch.autograd.backward(ys, [torch.from_numpy(p["g"]).to(device) for p in ps])
+    ref_gx, bound_x = 0.0, 0.0
+    for layer, p, y in zip(layers, ps, ys):
+        bound = lora_bounds(p, np.abs(p["g"]).astype(np.float64), k_extra=len(ps))
+        assert_within(y, ref.lora_forward(p["x"], p["W"], p["A"], p["B"], p["s"], p["b"]), bound["y"], "y")
+        gx, gA, gB = ref.lora_backward(p["x"], p["W"], p["A"], p["B"], p["s"], p["g"])
+        assert_within(layer.lora_A.grad, gA, bound["A"], "grad A")
+        assert_within(layer.lora_B.grad, gB, bound["B"], "grad B")
+        ref_gx, bound_x = ref_gx + gx, bound_x + bound["x"]
+    if x_grad:
+        assert_within(x.grad, ref_gx, bound_x, "grad x")
+    else:
+        assert x.grad is None
+
+
+def test_grouped_forward_falls_back_with_dropout_or_dora():
+    torch.manual_seed(0)
+    base = [torch.nn.Linear(6, 4) for _ in range(2)]
+    for kwargs in (dict(dropout=0.5), dict(use_dora=True)):
+        layers = [tlora.LoraLinear(b, r=2, alpha=4, **kwargs).train() for b in base]
+        x = torch.randn(3, 6)
+        torch.manual_seed(1)
+        ys = tlora.grouped_forward(x, layers)
+        torch.manual_seed(1)
+        ref_ys = [m(x) for m in layers]
+        assert all(y.grad_fn is not None and "LoraGroup" not in type(y.grad_fn).__name__ for y in ys)
+        assert all(torch.equal(a, b) for a, b in zip(ys, ref_ys))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @settings(deadline=None)
 @given(p=problems())
@@ -221,6 +276,37 @@ def test_dropout_applies_to_the_lora_branch_only(device, use_dora):
     ref_eval = (ref_dora.dora_forward(p["x"], p["W"], p["A"], p["B"], p["s"], p["m"], p["b"]) if use_dora
                 else ref.lora_forward(p["x"], p["W"], p["A"], p["B"], p["s"], p["b"]))
     assert_within(layer(x), ref_eval, gamma(17 + 3 + 10) * 3 * (P + L), "y in eval mode")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_dropout_gradients_follow_the_reference(device, x_grad):
+    """Backward with dropout: ∂L/∂x = gW + mask·s·(gB)A (mask ∈ {0, 1/(1−p)}), ∂L/∂A and ∂L/∂B taken on x_d;
+    and no ∂L/∂x at all for an input that does not need one (the first layer)."""
+    rng = np.random.default_rng(2)
+    p = dict(x=rng.standard_normal((2, 5, 17)).astype(np.float32), W=rng.standard_normal((9, 17)).astype(np.float32),
+             A=rng.standard_normal((3, 17)).astype(np.float32), B=rng.standard_normal((9, 3)).astype(np.float32),
+             b=rng.standard_normal(9).astype(np.float32), R=3, alpha=6, use_rslora=False, s=2.0)
+    layer = make_layer(p, device, dropout=0.5).train()
+    g = rng.standard_normal((2, 5, 9)).astype(np.float32)
+    x = torch.from_numpy(p["x"]).to(device).requires_grad_(x_grad)
+    torch.manual_seed(7)
+    layer(x).backward(torch.from_numpy(g).to(device))
+    torch.manual_seed(7)
+    x_d = F.dropout(x.detach(), 0.5, training=True).cpu().numpy().reshape(10, 17)  # the same mask
+    x2, g2 = p["x"].reshape(10, 17), g.reshape(10, 9)
+    mask = np.where(x_d != 0, 2.0, 0.0)  # ∂x_d/∂x
+    ref_lx, ref_gA, ref_gB = ref.lora_backward(x_d, np.zeros_like(p["W"]), p["A"], p["B"], p["s"], g2)
+    bound = lora_bounds(dict(p, x=x_d), np.abs(g2).astype(np.float64), k_extra=2)
+    assert_within(layer.lora_A.grad, ref_gA, bound["A"], "grad A")
+    assert_within(layer.lora_B.grad, ref_gB, bound["B"], "grad B")
+    if not x_grad:
+        assert x.grad is None
+        return
+    ref_gx = g2.astype(np.float64) @ p["W"].astype(np.float64) + mask * ref_lx  # (M, K)
+    lora_x = (np.abs(g2) @ np.abs(p["B"])) @ np.abs(p["A"])  # (M, K)
+    bound_x = gamma(9 + 3 + 6) * (np.abs(g2) @ np.abs(p["W"]) + 2 * mask * lora_x)
+    assert_within(x.grad.reshape(10, 17), ref_gx, bound_x, "grad x")
 
 
 # ---------------------------------------------------------------- ΔW, merge, unmerge

@@ -27,6 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from minilora.checkpoint import Checkpoint
 from minilora.errors import InputError
 from minilora.nf4_checkpoint import is_aux_key, quantized_weights, read_state
+from minilora.torch_backend.lora import grouped_forward
+from minilora.torch_backend.loss import linear_cross_entropy
 from minilora.torch_backend.nf4 import QuantState
 from minilora.torch_backend.qlora import NF4Linear
 
@@ -156,9 +158,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
         past = cache.length(self.layer) if cache is not None else 0
-        q = self.q_proj(x).view(B, T, self.h, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.h_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.h_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k, v = grouped_forward(x, (self.q_proj, self.k_proj, self.v_proj))  # one LoRA group when adapted
+        q = q.view(B, T, self.h, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.h_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.h_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, past + T, hd)
@@ -178,7 +181,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, hidden)
+        gate, up = grouped_forward(x, (self.gate_proj, self.up_proj))  # (B, T, intermediate) each
+        return self.down_proj(F.silu(gate) * up)  # (B, T, hidden)
 
 
 class Block(nn.Module):
@@ -223,7 +227,9 @@ class Llama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, ids, cache=None):
+    def forward(self, ids, cache=None, labels=None, label_weights=None):
+        """Logits (B, T, vocab); or, given ``labels (B, T)`` and ``label_weights (B, T)``, the float32 scalar
+        ``Σ weight · cross-entropy(logits, label)`` without materialising the logits (``loss.py``)."""
         past = len(cache) if cache is not None else 0
         h = self.model.embed_tokens(ids)  # (B, T, hidden)
         cos, sin = self.rope(torch.arange(past, past + ids.shape[1], device=ids.device), h.dtype)  # (T, hd)
@@ -232,8 +238,11 @@ class Llama(nn.Module):
                 h = checkpoint(block, h, cos, sin, cache, use_reentrant=False)
             else:
                 h = block(h, cos, sin, cache)
-        h = self.model.norm(h)
-        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.model.embed_tokens.weight)
+        h = self.model.norm(h)  # (B, T, hidden)
+        W = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight  # (vocab, hidden)
+        if labels is not None:
+            return linear_cross_entropy(h.flatten(0, 1), W, labels.flatten(), label_weights.flatten())
+        return F.linear(h, W)  # (B, T, vocab)
 
 
 def _to_torch(arr, dtype):

@@ -9,7 +9,8 @@ force_option = click.option("--force", is_flag=True, help="Replace an existing o
 fsync_option = click.option(
     "--fsync/--no-fsync", default=True, show_default=True,
     help="Flush each output file to disk before renaming it into place, so not even a power cut leaves a "
-         "damaged file. --no-fsync leaves the writes to the page cache, as cp and save_pretrained do (faster "
+         "damaged file (large files are written with O_DIRECT, past the page cache, where the filesystem "
+         "allows). --no-fsync leaves the writes to the page cache, as cp and save_pretrained do (faster "
          "where the disk is slow; a crash or Ctrl-C still never leaves a partial output).")
 
 

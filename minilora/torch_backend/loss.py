@@ -6,8 +6,9 @@ computes the logits, their log-sum-exp, the loss and, since the loss is the last
 already ``∂/∂h = (softmax − onehot)·w · W``. Backward only scales that (M, H) result by the incoming
 gradient. The products are the ones autograd would take (one (C, H)·(H, V) GEMM forward, one
 (C, V)·(V, H) GEMM for ``∂/∂h``), but the softmax, its gradient and the one-hot land in one reused
-(C, V) buffer instead of five (M, V) tensors: bench/train.py spends a sixth of a CPU step in those passes
-otherwise. ``W`` must be frozen (LoRA leaves the output projection alone); a trainable one needs the
+(C, V) buffer instead of five (M, V) tensors (the unfused passes took 14 % of a profiled CPU step of
+bench/train.py; fused, projection + loss forward and backward run in 100 ms instead of 110 ms on its shape,
+of which 88 ms are the two GEMMs). ``W`` must be frozen (LoRA leaves the output projection alone); a trainable one needs the
 unfused path.
 
 Float32 as ``F.cross_entropy``: ``loss_i = m_i + log Σ_j exp(z_ij − m_i) − z_{i,t_i}`` with ``m_i = max_j z_ij``,
@@ -20,7 +21,7 @@ weights (the loss mask), ``z (C, V)`` one chunk of logits.
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 22  # logits per chunk at most: 16 MiB of float32 (512 rows of bench/train.py's 8000)
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk at most: 32 MiB of float32 (smaller chunks cost GEMM speed on CPU)
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -13,7 +13,6 @@ directions against the ``safetensors`` package. Nothing here unpickles anything.
 """
 import ctypes
 import json
-import mmap
 import os
 import struct
 import sys
@@ -22,6 +21,7 @@ import tempfile
 import ml_dtypes
 import numpy as np
 
+from minilora.direct_io import DirectSink
 from minilora.errors import InputError
 
 DTYPES = {
@@ -192,88 +192,6 @@ def _sync_file_range(fd, offset, nbytes):
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # a hint: its result does not matter
 
 
-class _DirectSink:
-    """Sequential writes to a file opened with ``O_DIRECT``, through one page-aligned staging buffer.
-
-    The bytes go from the staging buffer to the device by DMA: no page-cache page is allocated for them.
-    That matters for multi-GB outputs: a buffered write has to find (and, on a VM whose balloon driver
-    reports free memory to the host, fault in from the host) one fresh page-cache page per 4 KiB, which
-    measured 1.8–4.3 s per GB here against 0.55–1.0 s per GB for the same bytes written directly; and it
-    leaves the page cache holding gigabytes of output nobody reads. O_DIRECT needs the memory address, the
-    file offset and the length aligned to the logical block size (``BLOCK`` covers 512 and 4096); the
-    staging buffer keeps all three aligned, the tail is written padded and the file truncated to its size.
-    ``open`` raises ``OSError`` where the filesystem refuses O_DIRECT (tmpfs, some network filesystems):
-    it opens the file and probes one aligned write, so the caller can fall back before writing anything.
-    """
-
-    BLOCK = 4096
-    STAGING = 16 * 2**20  # bytes per write: a multiple of BLOCK
-
-    def __init__(self, path):
-        size = self.STAGING
-        self._fd, self._view = -1, None
-        if not hasattr(os, "O_DIRECT"):
-            raise OSError("O_DIRECT is not available on this system")
-        self._fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-        try:
-            self._buf = mmap.mmap(-1, size)  # page-aligned, reused for the whole file
-            self._view = memoryview(self._buf)
-            os.pwrite(self._fd, self._view[:self.BLOCK], 0)  # the probe; the header overwrites it
-        except BaseException:
-            self.close()
-            raise
-        self._fill = 0  # bytes staged
-        self._done = 0  # bytes on disk, a multiple of BLOCK
-
-    def put(self, data):
-        """Append the bytes of ``data`` (a byte memoryview)."""
-        while data:
-            n = min(len(data), len(self._view) - self._fill)
-            self._view[self._fill:self._fill + n] = data[:n]
-            self._fill += n
-            data = data[n:]
-            if self._fill == len(self._view):
-                self._flush(self._fill)
-
-    def put_from_file(self, fd, offset, count):
-        """Append ``count`` bytes of file ``fd`` from ``offset``, read straight into the staging buffer;
-        returns False if the file ends first."""
-        while count:
-            n = os.preadv(fd, [self._view[self._fill:self._fill + min(count, len(self._view) - self._fill)]], offset)
-            if n == 0:
-                return False
-            self._fill, offset, count = self._fill + n, offset + n, count - n
-            if self._fill == len(self._view):
-                self._flush(self._fill)
-        return True
-
-    def _flush(self, n):  # n: a multiple of BLOCK
-        written = 0
-        while written < n:
-            written += os.pwrite(self._fd, self._view[written:n], self._done + written)
-        self._done += n
-        self._fill = 0
-
-    def finish(self):
-        """Write the tail (padded to BLOCK) and truncate the file to the bytes put; returns that size."""
-        total = self._done + self._fill
-        if self._fill:
-            pad = -self._fill % self.BLOCK
-            self._view[self._fill:self._fill + pad] = bytes(pad)
-            self._flush(self._fill + pad)
-        os.ftruncate(self._fd, total)
-        return total
-
-    def close(self):
-        if self._view is not None:
-            self._view.release()
-            self._buf.close()
-            self._view = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 def _header_bytes(entries, metadata):
     header, offset = {}, 0
     if metadata:
@@ -307,7 +225,7 @@ class SafetensorsWriter(_Output):
     destination folder, renamed into place by ``close()``; an exception inside ``with`` removes it.
     ``durable``: flush the file to disk (fsync) before the rename, so that not even a power cut can
     leave a damaged file under the final name. A durable file of at least ``DIRECT_MIN_BYTES`` is written
-    with O_DIRECT (``_DirectSink``: the bytes skip the page cache, which they would leave through the
+    with O_DIRECT (``DirectSink``: the bytes skip the page cache, which they would leave through the
     fsync anyway) where the filesystem allows it; otherwise writeback is started early to overlap the
     disk with the work. Without ``durable`` the page cache absorbs the writes (as ``cp`` does): a crash
     or Ctrl-C of this process still never leaves a partial output, a power cut right after might.
@@ -326,13 +244,13 @@ class SafetensorsWriter(_Output):
         fd, self._tmp = tempfile.mkstemp(prefix=".minilora-", suffix=".partial", dir=folder)
         self._file = os.fdopen(fd, "wb", buffering=0)   # unbuffered: copy_from writes through the same fd
         self._flushed = 0                               # bytes handed to writeback so far
-        self._sink = None                               # a _DirectSink, when writing with O_DIRECT
+        self._sink = None                               # a DirectSink, when writing with O_DIRECT
         if direct is None:
             nbytes = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, d, s in self._entries)
             direct = durable and nbytes >= self.DIRECT_MIN_BYTES
         if direct:
             try:
-                self._sink = _DirectSink(self._tmp)
+                self._sink = DirectSink(self._tmp)
             except OSError:                             # not on this filesystem: buffered writes
                 self._sink = None
         self._put(_header_bytes(self._entries, metadata))

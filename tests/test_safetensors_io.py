@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file as st_save
 
 from minilora.errors import InputError
-from minilora import safetensors_io
+from minilora import direct_io, safetensors_io
 from minilora.safetensors_io import SafetensorsReader, SafetensorsWriter, load_file, save_file
 
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16, np.float64, np.int64, np.int32, np.int8,
@@ -156,7 +156,7 @@ def test_get_into_a_reused_buffer_and_copy_from_file_to_file(tmp_path, monkeypat
 def _direct_io_works(folder):
     open(os.path.join(folder, "probe"), "wb").close()
     try:
-        sink = safetensors_io._DirectSink(os.path.join(folder, "probe"))
+        sink = direct_io.DirectSink(os.path.join(folder, "probe"))
     except OSError:
         return False
     finally:
@@ -172,11 +172,11 @@ def test_durable_writes_with_o_direct_give_the_same_bytes(tmp_path, monkeypatch,
     the writer falls back to buffered writes before writing anything."""
     if mode == "direct" and not _direct_io_works(tmp_path):
         pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
-    monkeypatch.setattr(safetensors_io._DirectSink, "STAGING", 8192)
+    monkeypatch.setattr(direct_io.DirectSink, "STAGING", 8192)
     if mode == "refused":
         def refuse(path):
             raise OSError(22, "Invalid argument")
-        monkeypatch.setattr(safetensors_io, "_DirectSink", refuse)
+        monkeypatch.setattr(safetensors_io, "DirectSink", refuse)
     rng = np.random.default_rng(3)
     ref = {f"t{i}": rng.normal(size=n).astype(np.float32) for i, n in enumerate([1, 2047, 3000, 0, 9001, 5])}
     src = tmp_path / "src.safetensors"
@@ -198,7 +198,7 @@ def test_durable_writes_with_o_direct_give_the_same_bytes(tmp_path, monkeypatch,
 def test_direct_writer_aborts_cleanly(tmp_path, monkeypatch):
     if not _direct_io_works(tmp_path):
         pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
-    monkeypatch.setattr(safetensors_io._DirectSink, "STAGING", 8192)
+    monkeypatch.setattr(direct_io.DirectSink, "STAGING", 8192)
     out = tmp_path / "out.safetensors"
     with pytest.raises(RuntimeError):
         with SafetensorsWriter(out, [("a", np.float32, (5000,)), ("b", np.float32, (3,))], direct=True) as w:

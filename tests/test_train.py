@@ -154,3 +154,19 @@ def test_qlora_on_a_model_without_linear_layers(tmp_path, data_file):
     r = CliRunner().invoke(cli, ["train", "--model", str(model), "--data", data_file, "-o", str(tmp_path / "o"),
                                  "--max-steps", "1", "--qlora"])
     assert r.exit_code == 2 and "no Linear layer" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_keep_freed_memory_sets_glibc_thresholds_and_can_be_turned_off(monkeypatch):
+    """The trainer's allocator tweak: on glibc both mallopt calls succeed (a non-glibc libc says no and
+    nothing changes); MINILORA_MALLOC_DEFAULTS=1 skips it."""
+    import ctypes
+
+    from minilora.torch_backend.train import keep_freed_memory
+    monkeypatch.setenv("MINILORA_MALLOC_DEFAULTS", "1")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MINILORA_MALLOC_DEFAULTS")
+    try:
+        glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
+    except OSError:
+        glibc = False
+    assert keep_freed_memory() is glibc

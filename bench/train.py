@@ -174,7 +174,7 @@ def job_peft(cfg, clock):
         optimizer.step()
         clock.tick()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss_sum) / n_tokens)
+        losses.append(float(loss_sum.detach()) / n_tokens)
     return losses
 
 

@@ -28,6 +28,7 @@ from minilora.torch_backend import (  # noqa: E402
     NF4Linear, QLoraLinear, apply_lora, export_adapter, generate, load_adapter_into, load_llama,
     lora_layers, quantize_model,
 )
+from minilora.torch_backend import lora as tlora  # noqa: E402
 from minilora.torch_backend.model import KVCache  # noqa: E402
 
 U32 = 2.0**-24
@@ -200,6 +201,42 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(known, tmp_path, v
     out = logits_of(ours, exp["ids"])
     assert np.abs(out - ref).max() <= 16 * U32 * np.abs(ref).max()  # the module docstring's float64 tolerance
     assert np.abs(out - exp["llama-fp32.logits64"]).max() > 1e-3  # the adapter does change the logits
+
+
+# ---------------------------------------------------------------- the training fast paths on the whole model
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_training_step_equals_the_plain_autograd_step(known, monkeypatch, checkpointing):
+    """The loss through ``labels=`` (fused projection + cross-entropy) with the LoRA layers on their hand-written
+    Functions (q/k/v and gate/up grouped) against logits + ``F.cross_entropy`` with every layer on plain autograd:
+    the same loss and the same adapter gradients, up to float32 reassociation through the 2-layer model (a
+    tolerance of 1e-5 relative to the largest value, not a derived bound), with gradient checkpointing too."""
+    ids = torch.as_tensor(known[1]["ids"])
+    weights = torch.ones(ids[:, 1:].shape, dtype=torch.bool)
+    weights[0, :3] = False  # some targets masked out
+    runs = []
+    for fast in (True, False):
+        model = load_llama(known[0] / "llama-fp32")
+        params = apply_lora(model, r=4, alpha=8, seed=0)
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B, std=0.02, generator=torch.Generator().manual_seed(1))
+        model.train()
+        model.gradient_checkpointing = checkpointing
+        if fast:
+            loss = model(ids[:, :-1], labels=ids[:, 1:], label_weights=weights)
+        else:
+            monkeypatch.setattr(tlora.LoraLinear, "_fused_ok", lambda self, x: False)
+            ce = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(),
+                                                   reduction="none")
+            loss = (ce * weights.flatten()).sum()
+        loss.backward()  # (checkpointing recomputes the forward here: still on the plain path)
+        monkeypatch.undo()
+        runs.append((float(loss.detach()), [p.grad.clone() for p in params]))
+    (fast_loss, fast_grads), (plain_loss, plain_grads) = runs
+    assert abs(fast_loss - plain_loss) <= 1e-5 * abs(plain_loss)
+    scale = max(float(g.abs().max()) for g in plain_grads)
+    assert scale > 0
+    for a, b in zip(fast_grads, plain_grads):
+        assert float((a - b).abs().max()) <= 1e-5 * scale
 
 
 # ---------------------------------------------------------------- QLoRA on the model

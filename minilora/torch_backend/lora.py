@@ -7,8 +7,10 @@ adapter dtype (float32) and the sum is rounded once to the base dtype (``shared/
 Shape legend: ``x (..., K)``, ``W (N, K)`` (Conv1D: ``(K, N)``), ``A (R, K)``, ``B (N, R)``, ``y (..., N)``.
 
 ``LoraLinear`` holds no "merged" state: ``merged()`` returns a new ``nn.Linear`` and the base is never
-modified. Gradients come from autograd; ``lora_backward`` writes them out for kernel authors and tests.
-Not here: DoRA math (``minilora.torch_backend.dora``), the NF4 base (``minilora.torch_backend.qlora``),
+modified. ``lora_backward`` writes the gradients out; ``LoraLinearFunction`` (one layer) and
+``LoraGroupFunction`` (q/k/v or gate/up on one x, via ``grouped_forward``) compute them by hand in
+float32 training, the fast path of docs/train.md; everything else (DoRA, NF4 bases, autocast) goes
+through autograd on ``add_lora``. Not here: DoRA math (``minilora.torch_backend.dora``), the NF4 base (``minilora.torch_backend.qlora``),
 choosing which layers to adapt (``minilora.torch_backend.adapters``).
 """
 import itertools

@@ -5,15 +5,15 @@
 computes the logits, their log-sum-exp, the loss and, since the loss is the last operation of the step,
 already ``∂/∂h = (softmax − onehot)·w · W``. Backward only scales that (M, H) result by the incoming
 gradient. The products are the ones autograd would take (one (C, H)·(H, V) GEMM forward, one
-(C, V)·(V, H) GEMM for ``∂/∂h``), but the softmax, its gradient and the one-hot land in one reused
-(C, V) buffer instead of five (M, V) tensors (the unfused passes took 14 % of a profiled CPU step of
-bench/train.py; fused, projection + loss forward and backward run in 100 ms instead of 110 ms on its shape,
-of which 88 ms are the two GEMMs). ``W`` must be frozen (LoRA leaves the output projection alone); a trainable one needs the
-unfused path.
+(C, V)·(V, H) GEMM for ``∂/∂h``), but the softmax, its gradient and the one-hot are formed in place in
+the chunk's logits, one (C, V) buffer at a time instead of five (M, V) tensors. On bench/train.py's shape
+the unfused passes took 14 % of a profiled CPU step; projection + loss, forward and backward, take 100 ms
+fused against 110 ms unfused, of which 88 ms are the two GEMMs. ``W`` must be frozen (LoRA leaves the
+output projection alone); a trainable one takes the unfused path.
 
 Float32 as ``F.cross_entropy``: ``loss_i = m_i + log Σ_j exp(z_ij − m_i) − z_{i,t_i}`` with ``m_i = max_j z_ij``,
 the same formula in another evaluation order, so within a few ulps of ``log Σ exp`` per token
-(tests/test_torch_model.py compares both, values and gradients).
+(tests/test_torch_loss.py checks both against a float64 reference, values and gradients).
 
 Shape legend: ``h (M, H)`` final hidden states, ``W (V, H)``, ``t (M,)`` int64 targets, ``w (M,)`` float32
 weights (the loss mask), ``z (C, V)`` one chunk of logits.

@@ -15,6 +15,8 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
@@ -29,7 +31,7 @@ from minilora.torch_backend import (  # noqa: E402
     lora_layers, quantize_model,
 )
 from minilora.torch_backend import lora as tlora  # noqa: E402
-from minilora.torch_backend.model import KVCache  # noqa: E402
+from minilora.torch_backend.model import KVCache, RMSNorm  # noqa: E402
 
 U32 = 2.0**-24
 FOLDERS = {"llama-fp32": torch.float32, "llama-bf16": torch.bfloat16}
@@ -203,11 +205,65 @@ def test_peft_loads_the_exported_adapter_with_the_same_logits(known, tmp_path, v
     assert np.abs(out - exp["llama-fp32.logits64"]).max() > 1e-3  # the adapter does change the logits
 
 
+# ---------------------------------------------------------------- RMSNorm's hand-written backward
+def gamma(k):
+    return k * U32 / (1 - k * U32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), D=st.integers(1, 96), log_scale=st.integers(-8, 8), seed=st.integers(0, 2**31 - 1),
+       train_weight=st.booleans())
+def test_rmsnorm_function_forward_is_the_plain_one_and_gradients_are_within_the_bound(rows, D, log_scale, seed,
+                                                                                       train_weight):
+    """Forward: bit for bit the plain statements. Backward against float64 autograd of the same formula. Bound
+    (u = 2⁻²⁴, γ_k = k·u/(1 − k·u)): r = 1/√(mean(x²) + eps) in float32 carries a relative error ε_r ≤ γ_{D+4}
+    (D squares and a D-sum: γ_D on the mean, halved by the square root; the division, + eps, sqrt and 1/·: 4u);
+    ∂L/∂x_j = r·g_j w_j − x_j·(r³/D)·Σ g w x, where the products g w, the final multiply-add and the division add
+    ≤ 3u to the first term, and the float32 dot adds γ_{D+1}, r³ 3ε_r + 2u and the scalings 3u to the second:
+    |err_j| ≤ 4·γ_{D+8}·(r·|g_j w_j| + |x_j|·(r³/D)·Σ|g w x|). ∂L/∂w_j = Σ_rows g_j x_j r: γ_{rows+2} + ε_r relative
+    to Σ_rows |g_j x_j r|."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, D)) * 2.0**log_scale).astype(np.float32)
+    w = rng.standard_normal(D).astype(np.float32)
+    g = rng.standard_normal((rows, D)).astype(np.float32)
+    eps = 1e-6
+    norm = RMSNorm(D, eps)
+    norm.weight.data = torch.from_numpy(w)
+    norm.weight.requires_grad_(train_weight)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    y = norm(xt)
+    assert y.grad_fn is not None and "RMSNormFunction" in type(y.grad_fn).__name__
+    plain = norm.weight * (xt * torch.rsqrt(xt.pow(2).mean(-1, keepdim=True) + eps))
+    assert torch.equal(y, plain)
+    grads = torch.autograd.grad(y, [xt, norm.weight] if train_weight else [xt], torch.from_numpy(g))
+
+    x64, w64, g64 = (torch.from_numpy(a).double() for a in (x, w, g))
+    x64.requires_grad_(True)
+    w64.requires_grad_(True)
+    r64 = torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    dx64, dw64 = torch.autograd.grad(w64 * (x64 * r64), [x64, w64], g64)
+    r64 = r64.detach()
+    gw = (g64 * w64).abs().detach()
+    xd = x64.detach()
+    bound_x = 4 * gamma(D + 8) * (r64 * gw + xd.abs() * r64**3 / D * (gw * xd.abs()).sum(-1, keepdim=True))
+    assert bool(((grads[0].double() - dx64).abs() <= bound_x).all())
+    if train_weight:
+        bound_w = (gamma(rows + 2) + gamma(D + 4)) * (g64.abs() * xd.abs() * r64).sum(0)
+        assert bool(((grads[1].double() - dw64).abs() <= bound_w).all())
+
+
+def test_rmsnorm_keeps_the_plain_path_for_other_dtypes():
+    norm = RMSNorm(8, 1e-6, dtype=torch.bfloat16)
+    y = norm(torch.ones(2, 8, dtype=torch.bfloat16, requires_grad=True))
+    assert "RMSNormFunction" not in type(y.grad_fn).__name__
+
+
 # ---------------------------------------------------------------- the training fast paths on the whole model
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_fused_training_step_equals_the_plain_autograd_step(known, monkeypatch, checkpointing):
-    """The loss through ``labels=`` (fused projection + cross-entropy) with the LoRA layers on their hand-written
-    Functions (q/k/v and gate/up grouped) against logits + ``F.cross_entropy`` with every layer on plain autograd:
+    """The loss through ``labels=`` (fused projection + cross-entropy) with the LoRA layers and RMSNorms on their
+    hand-written Functions (q/k/v and gate/up grouped) against logits + ``F.cross_entropy`` with every layer on
+    plain autograd:
     the same loss and the same adapter gradients, up to float32 reassociation through the 2-layer model (a
     tolerance of 1e-5 relative to the largest value, not a derived bound), with gradient checkpointing too."""
     ids = torch.as_tensor(known[1]["ids"])
@@ -225,6 +281,7 @@ def test_fused_training_step_equals_the_plain_autograd_step(known, monkeypatch, 
             loss = model(ids[:, :-1], labels=ids[:, 1:], label_weights=weights)
         else:
             monkeypatch.setattr(tlora.LoraLinear, "_fused_ok", lambda self, x: False)
+            monkeypatch.setattr(RMSNorm, "_fused_ok", lambda self, x: False)
             ce = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(),
                                                    reduction="none")
             loss = (ce * weights.flatten()).sum()

@@ -111,7 +111,10 @@ def rotate_half(x):
 
 
 class RMSNorm(nn.Module):
-    """``w ⊙ x / √(mean(x²) + eps)``, normalised in float32 and cast back before the weight (transformers' order)."""
+    """``w ⊙ x / √(mean(x²) + eps)``, normalised in float32 and cast back before the weight (transformers' order).
+
+    With float32 x and weight the forward runs through ``RMSNormFunction`` (the same values, bit for bit, and a
+    hand-written backward); other dtypes take these plain autograd statements."""
 
     def __init__(self, dim, eps, dtype=None):
         super().__init__()
@@ -119,9 +122,43 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if self._fused_ok(x):
+            return RMSNormFunction.apply(x, self.weight, self.eps)
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+    def _fused_ok(self, x):
+        return x.dtype == torch.float32 and self.weight.dtype == torch.float32
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """``y = w ⊙ x·r`` with ``r = 1/√(mean(x²) + eps)`` per row (x (..., D) float32, w (D,)): the plain module's
+    forward statements, so the same values bit for bit. The backward is written out instead of recorded:
+
+        ∂L/∂x = r·(g⊙w) − x · (r³/D) · Σ_D (g⊙w⊙x)        ∂L/∂w = Σ_rows g⊙x·r
+
+    (∂r/∂x_j = −r³·x_j/D). It keeps x and r (one float per row) where autograd keeps x² and the normalised x,
+    and makes 4 passes over (..., D) where autograd makes about 10: on the CPU bench shape (1024 × 384) a
+    forward + backward takes 1.5 instead of 3.7 ms. Checked against float64 in ``tests/test_torch_model.py``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, r, weight)
+        return weight * (x * r)  # (..., D)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, r, w = ctx.saved_tensors  # (..., D), (..., 1), (D,)
+        dx = dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (g * x * r).reshape(-1, x.shape[-1]).sum(0)  # (D,)
+        if ctx.needs_input_grad[0]:
+            gw = g * w  # (..., D)
+            coef = torch.linalg.vecdot(gw, x).unsqueeze(-1).mul_(r.pow(3)).div_(-x.shape[-1])  # (..., 1)
+            dx = torch.addcmul(gw.mul_(r), x, coef)  # r·gw + x·coef
+        return dx, dw, None
 
 
 class KVCache:

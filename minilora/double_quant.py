@@ -114,13 +114,14 @@ def double_quantize(absmax, offset=None):
     n = absmax.size
     nn = _n_nested(n)
     c = np.full(nn * NESTED_BLOCKSIZE, np.nan, dtype=np.float32)  # (nn*256,) NaN pad: ignored below
-    c[:n] = absmax - offset  # float32
+    with np.errstate(over="ignore", invalid="ignore"):  # IEEE results wanted: inf - inf = NaN, overflow = ±inf
+        c[:n] = absmax - offset  # float32
     c = c.reshape(nn, NESTED_BLOCKSIZE)  # (nn, 256)
     abs_c = np.abs(c)
     abs_c[np.isnan(abs_c)] = 0  # NaN does not count in the nested absmax
     a2 = abs_c.max(axis=1)  # (nn,)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        recip = _F(1.0) / a2  # (nn,) IEEE division, as bitsandbytes
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        recip = _F(1.0) / a2  # (nn,) IEEE division, as bitsandbytes (1 / subnormal overflows to inf)
         t = np.clip(c * recip[:, None], _F(-1.0), _F(1.0))  # (nn, 256) NaN passes through
     codes = _nested_lut()[_lut_index(t)]  # (nn, 256)
     codes[a2 == 0] = 0  # an all-zero (or all-NaN) nested block stores code 0 everywhere
@@ -144,4 +145,5 @@ def dequantize_absmax(codes, nested_absmax, offset):
             f"ceil({codes.size}/{NESTED_BLOCKSIZE}) = {_n_nested(codes.size)}"
         )
     scale = np.repeat(nested_absmax, NESTED_BLOCKSIZE)[: codes.size]  # (nblocks,)
-    return (DYNAMIC_MAP[codes] * scale) + as_f32_scalar(offset, "offset")  # float32 product, then float32 sum
+    with np.errstate(over="ignore", invalid="ignore"):  # IEEE results wanted (special absmax values)
+        return (DYNAMIC_MAP[codes] * scale) + as_f32_scalar(offset, "offset")  # float32 product, then float32 sum

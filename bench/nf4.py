@@ -187,6 +187,11 @@ def bench_shape(N, K, Ms, args, bnb, torch, torchao_nf4):
                 it["i"] = (it["i"] + 1) % copies
                 prepared[it["i"]].matmul(x)
             c["minilora prepared cold"] = gemv_prepared_cold
+
+            def gemv_int16_cold():
+                it["i"] = (it["i"] + 1) % copies
+                prepared[it["i"]].matmul(x, mode="int16")
+            c["minilora int16 (approximate) cold"] = gemv_int16_cold
             c["stream read warm"] = stream_seconds(stream_bufs_warm, T)
             c["stream read cold"] = stream_seconds(stream_bufs_cold, T)
         c["numpy f32 matmul (pre-dequantised)"] = lambda: x @ w_deq.T
@@ -218,6 +223,15 @@ def bench_shape(N, K, Ms, args, bnb, torch, torchao_nf4):
                   f"same bytes with prepared weights (target >= 40 %), "
                   f"{res['stream read cold'][0] / res['minilora cold'][0]:.0%} through matmul_nf4 (checks the "
                   f"weights on every call); warm (L3-resident) at {res['stream read warm'][0] / ours:.0%} of an L3 read")
+            approx = warm.matmul(x, mode="int16")[0].astype(np.float64)  # (N,)
+            exact = x[0].astype(np.float64) @ w_deq.astype(np.float64).T  # (N,)
+            scale = np.abs(x[0]).astype(np.float64) @ np.abs(w_deq).astype(np.float64).T  # (N,)
+            print(f"  => int16 mode (approximate, opt-in) cold at "
+                  f"{res['stream read cold'][0] / res['minilora int16 (approximate) cold'][0]:.0%} of the streaming "
+                  f"read, {res['minilora prepared cold'][0] / res['minilora int16 (approximate) cold'][0]:.2f}x the "
+                  f"exact mode; error max {np.max(np.abs(approx - exact) / scale):.1e}, RMS "
+                  f"{np.sqrt(np.mean((np.abs(approx - exact) / scale) ** 2)):.1e} of |x|·|w| (exact mode: "
+                  f"{np.max(np.abs(warm.matmul(x)[0] - exact) / scale):.1e})")
         else:
             print(f"  => GEMM at {res['numpy f32 matmul (pre-dequantised)'][0] / ours:.0%} of NumPy float32 matmul "
                   f"on pre-dequantised weights (target >= 80 % at M >= 64)")

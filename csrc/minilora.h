@@ -100,6 +100,21 @@ int minilora_gemm_nf4_avx2(const float *x, const uint8_t *packed, const float *a
                            int64_t M, int64_t N, int64_t K, int64_t blocksize, float *y,
                            void *scratch, int64_t scratch_bytes, int nthreads);
 
+/* ---- nf4_gemv_i16.c: the approximate GEMV (opt-in; the exact kernels above are the default) ---- */
+/* y (N,) ~= x (K,) . dequant(W (N, K))^T with x quantised per group of 64 to int16 in [-8191, 8191] and the
+ * NF4 table as int16 round(NF4 * 2^14): exact int32 dot products per group, then float32 scaling by
+ * d_g * absmax (see nf4_gemv_i16.c for the error). A NaN / inf in x runs the exact GEMV instead. Same
+ * requirements and scratch as the exact GEMV: minilora_matmul_nf4_scratch_bytes(1, N, K, nthreads). */
+int minilora_gemv_nf4_i16(const float *x, const uint8_t *packed, const float *absmax,
+                          int64_t N, int64_t K, int64_t blocksize, float *y,
+                          void *scratch, int64_t scratch_bytes, int nthreads);
+int minilora_gemv_nf4_i16_ref(const float *x, const uint8_t *packed, const float *absmax,
+                              int64_t N, int64_t K, int64_t blocksize, float *y,
+                              void *scratch, int64_t scratch_bytes, int nthreads);
+int minilora_gemv_nf4_i16_avx2(const float *x, const uint8_t *packed, const float *absmax,
+                               int64_t N, int64_t K, int64_t blocksize, float *y,
+                               void *scratch, int64_t scratch_bytes, int nthreads);
+
 /* ---- stream.c: roofline probe for bench/ (not a kernel) ---- */
 /* Read p (n,) uint8 once with AVX2 loads on `nthreads` threads; n % 32 == 0. *out = an XOR fold. */
 int minilora_stream_read(const uint8_t *p, int64_t n, int nthreads, uint64_t *out);

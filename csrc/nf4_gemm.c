@@ -48,9 +48,10 @@ static void dequantize_chunk(const struct gemm_args *a, const struct nf4_planes 
         if (n >= a->N) { memset(ws_r, 0, (size_t)kc * sizeof(float)); continue; }
         const uint8_t *w_n = a->packed + n * a->K / 2;
         const float *absmax_n = a->absmax + n * a->K / a->bs;
+        const int bs_shift = __builtin_ctzll((unsigned long long)a->bs);   /* k / bs, bs a power of two */
         for (int64_t k = k0; k < k0 + kc; k += 32) {
             __m256 f[4];
-            const __m256 am = _mm256_set1_ps(absmax_n[k / a->bs]);
+            const __m256 am = _mm256_set1_ps(absmax_n[k >> bs_shift]);
             nf4_decode32(w_n + k / 2, planes, f);
             for (int q = 0; q < 4; q++) _mm256_storeu_ps(ws_r + k - k0 + 8 * q, _mm256_mul_ps(f[q], am));
         }

@@ -122,7 +122,7 @@ static void gemv_range_avx2(void *ctx, int tid, int64_t n0, int64_t n1)
         const uint8_t *w_n = a->packed + n * K / 2;
         const float *absmax_n = a->absmax + n * K / bs;
         __m256 acc = _mm256_setzero_ps();
-        for (int64_t kb = 0; kb < K; kb += bs) {
+        for (int64_t kb = 0, b = 0; kb < K; kb += bs, b++) {   /* b = kb / bs: no division per block */
             /* replaces acc += x[k] * NF4[code[k]] for the block's k, 64 at a time */
             __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
             for (int64_t k = kb; k < kb + bs; k += 64) {
@@ -131,7 +131,7 @@ static void gemv_range_avx2(void *ctx, int tid, int64_t n0, int64_t n1)
                            &s0, &s1, &s2, &s3);
             }
             __m256 block = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(absmax_n[kb / bs]), block, acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(absmax_n[b]), block, acc);
         }
         a->y[n] = hsum_ps(acc);
     }

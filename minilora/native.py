@@ -14,7 +14,7 @@ plus two keywords:
 Bit-exact with the reference: ``quantize_nf4``, ``dequantize_nf4`` (float32, bfloat16, float16 out),
 ``double_quantize``, ``dequantize_absmax``. ``matmul_nf4`` returns float32 accumulated in float32 (the
 reference returns float64): |out - ref| <= gamma_K * (|x| @ |dequant(W)|.T), gamma_K = K u / (1 - K u),
-u = 2**-24. Inputs in float16 / bfloat16 are widened to float32 first (exact), as the reference does.
+u = 2**-24; with ``mode="int16"`` (opt-in, approximate) within ``nf4.int16_matmul_error_bound``. Inputs in float16 / bfloat16 are widened to float32 first (exact), as the reference does.
 Not here: FP4 (NumPy only) and ``matmul_nf4`` with ``K % blocksize != 0`` (ValueError; use the reference).
 """
 import os
@@ -191,9 +191,19 @@ def dequantize_absmax(codes, nested_absmax, offset, *, variant="auto"):
     return out
 
 
-def matmul_nf4(x, packed, absmax, N, K, blocksize=DEFAULT_BLOCKSIZE, *, variant="auto", num_threads=None):
-    """y = x @ dequant(W).T with W (N, K) NF4: x (M, K) -> y float32 (M, N), accumulated in float32."""
-    return PackedNF4(packed, absmax, N, K, blocksize, variant=variant, num_threads=num_threads).matmul(x)
+MATMUL_MODES = ("exact", "int16")
+
+
+def matmul_nf4(x, packed, absmax, N, K, blocksize=DEFAULT_BLOCKSIZE, *, variant="auto", num_threads=None,
+               mode="exact"):
+    """y = x @ dequant(W).T with W (N, K) NF4: x (M, K) -> y float32 (M, N), accumulated in float32.
+
+    ``mode="exact"`` (the default): every weight is its exact float32 dequantised value; within
+    gamma_K * (|x| @ |dequant(W)|.T) of the exact product. ``mode="int16"``: the approximate GEMV of
+    ``csrc/nf4_gemv_i16.c`` (x quantised per 64 to int16, llama.cpp-style), faster where the exact decode is
+    compute-bound, error about 1e-5..1e-4 of |x| @ |dequant(W)|.T (bound: ``minilora.nf4.int16_matmul_error_bound``);
+    one row of x at a time."""
+    return PackedNF4(packed, absmax, N, K, blocksize, variant=variant, num_threads=num_threads).matmul(x, mode=mode)
 
 
 class PackedNF4:
@@ -208,6 +218,7 @@ class PackedNF4:
 
     def __init__(self, packed, absmax, N, K, blocksize=DEFAULT_BLOCKSIZE, *, variant="auto", num_threads=None):
         self._fn = _kernel("matmul_nf4", variant)
+        self._fn_i16 = _kernel("gemv_nf4_i16", variant)
         packed, absmax, (self.N, self.K), _, self.blocksize = _check_state(packed, absmax, (N, K), blocksize)
         if self.K % self.blocksize:
             raise ValueError(f"native matmul_nf4 needs K % blocksize == 0, got K={self.K}, "
@@ -216,8 +227,11 @@ class PackedNF4:
         self._arrays = packed, absmax  # keep the buffers alive as long as the pointers
         self._packed, self._absmax = _ptr("uint8_t", packed), _ptr("float", absmax)
 
-    def matmul(self, x):
-        """``x (M, K)`` float32 / float16 / bfloat16 → ``y (M, N)`` float32."""
+    def matmul(self, x, mode="exact"):
+        """``x (M, K)`` float32 / float16 / bfloat16 → ``y (M, N)`` float32. ``mode``: ``"exact"`` (default) or
+        ``"int16"`` (approximate, see ``matmul_nf4``; a NaN / inf in a row of x runs that row exactly)."""
+        if mode not in MATMUL_MODES:
+            raise ValueError(f"mode must be one of {MATMUL_MODES}, got {mode!r}")
         if not isinstance(x, np.ndarray) or x.dtype not in _IN_DTYPES:
             raise TypeError(f"x must be a float32/float16/bfloat16 ndarray, got {getattr(x, 'dtype', type(x).__name__)}")
         if x.ndim != 2 or x.shape[1] != self.K:
@@ -226,6 +240,15 @@ class PackedNF4:
         M = xf.shape[0]
         y = np.empty((M, self.N), dtype=np.float32)  # (M, N)
         if M == 0:
+            return y
+        if mode == "int16":  # one GEMV per row of x
+            nbytes = max(lib.minilora_matmul_nf4_scratch_bytes(1, self.N, self.K, self._threads), 0)
+            scratch = np.empty(nbytes, dtype=np.uint8)  # per call: two threads may share this object
+            for m in range(M):
+                status = self._fn_i16(_ptr("float", xf[m]), self._packed, self._absmax, self.N, self.K,
+                                      self.blocksize, _ptr("float", y[m]), _ptr("uint8_t", scratch), nbytes,
+                                      self._threads)
+                _check(status, "gemv_nf4_i16")
             return y
         nbytes = max(lib.minilora_matmul_nf4_scratch_bytes(M, self.N, self.K, self._threads), 0)
         scratch = np.empty(nbytes, dtype=np.uint8)  # per call: two threads may share this object

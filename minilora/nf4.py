@@ -230,6 +230,36 @@ def matmul_nf4(x, packed, absmax, N, K, blocksize=DEFAULT_BLOCKSIZE):
     return x.astype(np.float64) @ w.astype(np.float64).T  # (M, N)
 
 
+def int16_matmul_error_bound(x, packed, absmax, N, K, blocksize=DEFAULT_BLOCKSIZE):
+    """Bound on ``|native.matmul_nf4(..., mode="int16") - x @ dequant(W).T|`` (dequant in float32), float64 (M, N).
+
+    The int16 GEMV (``csrc/nf4_gemv_i16.c``) replaces x_k by x̃_k = q_k·m/8191, q_k = round(x_k·8191/m), m the
+    max |x| of x's group of 64, and NF4 by Ñ = round(NF4·2^14)·2^-14; its group sums are exact integers. Per
+    weight (a = |absmax|, n = |NF4 value|, u = 2^-24, c = (1 + 2^-37)/16382):
+
+        |x̃_k - x_k| <= c·m      (half a step; scaling x in double adds 2^-37 relative)
+        |Ñ - NF4| <= 2^-15      (NF4·2^14 is exact in float32; only the rounding to an integer moves it)
+        |x̃Ñ - x·NF4| <= c·m·(n + 2^-15) + |x_k|·2^-15;  the reference's float32 w = fl(NF4·a) adds u·|x_k|·a·n
+
+    plus γ_{K/32+5}·Σ a·|x̃_k|·|Ñ_k| for its float32 steps (the scale rounded once, int32 → float32, × scale,
+    FMAs / additions over at most K/32 group sums and the final lane sum; the scalar C variant, which scales
+    every 32 weights, takes the most). Groups with max |x| < 2^-99 (a subnormal scale) are outside it.
+    """
+    _, _, blocksize = check_state(packed, absmax, (N, K), blocksize)
+    ax = np.abs(np.asarray(x, dtype=np.float64).reshape(-1, K))  # (M, K)
+    u = 2.0**-24
+    n = np.abs(NF4.astype(np.float64))[unpack_nibbles(packed, N * K)].reshape(N, K)  # (N, K)
+    a = np.repeat(np.abs(absmax.astype(np.float64)), blocksize)[: N * K].reshape(N, K)  # (N, K)
+    G = -(-K // 64)
+    padded = np.zeros((ax.shape[0], G * 64))  # (M, G*64)
+    padded[:, :K] = ax
+    cm = np.repeat(padded.reshape(-1, G, 64).max(axis=2), 64, axis=1)[:, :K] * ((1 + 2.0**-37) / 16382)  # (M, K)
+    steps = K / 32 + 5
+    gamma = steps * u / (1 - steps * u)
+    a_n = a * (n + 2.0**-15)  # (N, K) ≥ a·|Ñ|
+    return cm @ a_n.T + ax @ (a * 2.0**-15).T + u * (ax @ (a * n).T) + gamma * ((ax + cm) @ a_n.T)  # (M, N)
+
+
 # ---------------------------------------------------------------- a bundle for callers
 @dataclass(frozen=True)
 class QuantState:

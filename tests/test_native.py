@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from minilora import double_quant, native, nf4
 from minilora.tables import ALLOWED_BLOCKSIZES, NF4_MID, TINY
+from minilora.tables import NF4 as NF4_VALUES
 
 VARIANTS = native.available_variants()             # ("ref",) or ("ref", "avx2")
 SIZES = [1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1000, 4099]
@@ -283,6 +284,94 @@ def test_matmul_thread_count_changes_no_bit(variant):
         for threads in (2, 3):
             out = native.matmul_nf4(x, packed, absmax, N, K, variant=variant, num_threads=threads)
             np.testing.assert_array_equal(bits(out), bits(base))
+
+
+# ---------------------------------------------------------------- the approximate int16 GEMV (opt-in)
+@pytest.mark.parametrize("variant", VARIANTS)
+@FAST
+@given(M=st.sampled_from([1, 2, 3]), N=st.sampled_from([1, 2, 5, 13, 64]), kblocks=st.integers(1, 5),
+       blocksize=st.sampled_from([32, 64, 128, 256]), threads=st.sampled_from([1, 2, 3]),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]), spread=st.sampled_from([0.0, 1.0, 3.0]),
+       seed=st.integers(0, 2**32 - 1))
+def test_int16_gemv_within_its_derived_bound(variant, M, N, kblocks, blocksize, threads, scale, spread, seed):
+    """mode="int16" against the float64 product with the float32 dequantised weights, within
+    ``nf4.int16_matmul_error_bound`` (its docstring derives it); x spread over e^±spread within groups."""
+    K = kblocks * blocksize
+    rng = np.random.default_rng(seed)
+    packed, absmax = nf4.quantize_nf4(rng.standard_normal((N, K)).astype(np.float32), blocksize)
+    x = (rng.standard_normal((M, K)) * np.exp(spread * rng.standard_normal((M, K))) * scale).astype(np.float32)
+    out = native.matmul_nf4(x, packed, absmax, N, K, blocksize, variant=variant, num_threads=threads, mode="int16")
+    assert out.dtype == np.float32 and out.shape == (M, N)
+    w = nf4.dequantize_nf4(packed, absmax, (N, K), np.float32, blocksize).astype(np.float64)  # (N, K)
+    ref = x.astype(np.float64) @ w.T  # (M, N)
+    bound = nf4.int16_matmul_error_bound(x, packed, absmax, N, K, blocksize)
+    assert (np.abs(out - ref) <= bound).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("blocksize,kblocks", [(32, 1), (32, 3), (64, 2), (128, 1)])
+def test_int16_gemv_one_hot_x_reads_each_weight(variant, blocksize, kblocks):
+    """x = e_k: the result is weight (n, k) within the int16 bound, which is far below the gap to any other
+    weight, so each k must meet its own weight: checks the AVX2 reordering of x, half groups too."""
+    N, K = 11, kblocks * blocksize
+    rng = np.random.default_rng(blocksize * kblocks)
+    packed, absmax = nf4.quantize_nf4(rng.standard_normal((N, K)).astype(np.float32), blocksize)
+    w = nf4.dequantize_nf4(packed, absmax, (N, K), np.float32, blocksize)  # (N, K)
+    for k in range(K):
+        x = np.zeros((1, K), np.float32)  # (1, K)
+        x[0, k] = 1.0
+        out = native.matmul_nf4(x, packed, absmax, N, K, blocksize, variant=variant, num_threads=1, mode="int16")
+        bound = nf4.int16_matmul_error_bound(x, packed, absmax, N, K, blocksize)[0]  # (N,)
+        assert (np.abs(out[0] - w[:, k]) <= bound).all(), k
+        # the bound charges every weight of the group half a quantisation step of the group max (the zeros of
+        # x quantise exactly, but the bound does not know): ≤ 64/16382 of absmax, far below a wrong weight
+        assert (bound <= 0.005 * absmax.reshape(N, -1)[:, k // blocksize]).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("blocksize,K", [(32, 96), (64, 128), (128, 128)])
+def test_int16_gemv_is_exact_where_every_step_is(variant, blocksize, K):
+    """A known answer: absmax 1, x integers in [-7, 7] plus one 8191 per group of 64 sitting on code 7 (0.0).
+    Then the group max is 8191, so q = x and d_g = 2^-14 exactly, every int32 lane sum is < 2^24 and every
+    float32 partial sum a multiple of 2^-14 below 2^10: the result must be Σ x·round(NF4·2^14)·2^-14 to the
+    bit. Pins the int16 table (round to nearest, not truncation) and the scale d_g."""
+    rng = np.random.default_rng(K + blocksize)
+    N = 9
+    codes = rng.integers(0, 16, (N, K))  # (N, K)
+    x = rng.integers(-7, 8, K).astype(np.float32)  # (K,)
+    for g in range(0, K, 64):
+        codes[:, g + 5] = 7  # NF4 0.0 under the group max
+        x[g + 5] = 8191.0
+    packed = (codes[:, 0::2] * 16 + codes[:, 1::2]).astype(np.uint8).reshape(-1, 1)  # high nibble first
+    absmax = np.ones(N * K // blocksize, np.float32)
+    table = np.rint(np.asarray(NF4_VALUES, np.float64) * 2**14).astype(np.int64)  # round half to even
+    expected = (table[codes] @ x.astype(np.int64)).astype(np.float64) * 2.0**-14  # (N,)
+    out = native.matmul_nf4(x[None], packed, absmax, N, K, blocksize, variant=variant, num_threads=1, mode="int16")
+    np.testing.assert_array_equal(out[0].astype(np.float64), expected)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_int16_mode_is_opt_in_and_a_non_finite_row_runs_exact(variant):
+    rng = np.random.default_rng(11)
+    N, K = 40, 320
+    packed, absmax = nf4.quantize_nf4(rng.standard_normal((N, K)).astype(np.float32))
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    exact = native.matmul_nf4(x, packed, absmax, N, K, variant=variant, num_threads=2, mode="exact")
+    assert bits(native.matmul_nf4(x, packed, absmax, N, K, variant=variant, num_threads=2)).tobytes() == \
+        bits(exact).tobytes()  # the default is the exact mode
+    approx = native.matmul_nf4(x, packed, absmax, N, K, variant=variant, num_threads=2, mode="int16")
+    assert (approx != exact).any()  # the modes differ: the default is not secretly the int16 one
+    w = native.PackedNF4(packed, absmax, N, K, variant=variant, num_threads=2)
+    for m in range(3):  # row by row: each row is one GEMV
+        assert bits(w.matmul(x[m:m + 1], mode="int16")).tobytes() == bits(approx[m:m + 1]).tobytes()
+    x[1, 7] = np.nan
+    x[2, 300] = np.inf
+    out = w.matmul(x, mode="int16")
+    exact = w.matmul(x)
+    assert bits(out[0]).tobytes() == bits(approx[0]).tobytes()
+    np.testing.assert_array_equal(bits(out[1:]), bits(exact[1:]))  # no int16 code for NaN / inf: exact rows
+    with pytest.raises(ValueError, match="mode"):
+        w.matmul(x, mode="int8")
 
 
 # ---------------------------------------------------------------- errors: same type as the reference

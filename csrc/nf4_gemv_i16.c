@@ -120,12 +120,12 @@ static int i16_position(int e)
     return 32 * h + 16 * (j >> 3) + 8 * L + (j & 7);
 }
 
-/* Replaces isum[lane] = sum of q_k * N[code_k] over the group's k in that int32 lane (8 products each);
- * lanes 0-3 cover elements 0..31 of the group, lanes 4-7 elements 32..63. */
 struct i16_planes {
     __m256i lo, hi;   /* byte c = low / high byte of the int16 N_c, in both 128-bit lanes */
 };
 
+/* Replaces isum[lane] = sum of q_k * N[code_k] over the group's k in that int32 lane (8 products each);
+ * lanes 0-3 cover elements 0..31 of the group, lanes 4-7 elements 32..63. */
 static inline NF4_AVX2 __m256i i16_dot64(__m256i v, const int16_t *xq, const struct i16_planes *t)
 {
     __m256i codes[2];

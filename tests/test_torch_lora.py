@@ -294,7 +294,7 @@ def test_dropout_gradients_follow_the_reference(device, x_grad):
     layer(x).backward(torch.from_numpy(g).to(device))
     torch.manual_seed(7)
     x_d = F.dropout(x.detach(), 0.5, training=True).cpu().numpy().reshape(10, 17)  # the same mask
-    x2, g2 = p["x"].reshape(10, 17), g.reshape(10, 9)
+    g2 = g.reshape(10, 9)
     mask = np.where(x_d != 0, 2.0, 0.0)  # ∂x_d/∂x
     ref_lx, ref_gA, ref_gB = ref.lora_backward(x_d, np.zeros_like(p["W"]), p["A"], p["B"], p["s"], g2)
     bound = lora_bounds(dict(p, x=x_d), np.abs(g2).astype(np.float64), k_extra=2)
@@ -397,6 +397,45 @@ def test_qlora_linear_forward_and_gradients(device, double_quant, p):
     assert_within(layer.lora_A.grad, ref_gA, bound["A"], "grad A")
     assert_within(layer.lora_B.grad, ref_gB, bound["B"], "grad B")
     assert [n for n, t in layer.named_parameters() if t.requires_grad] == ["lora_A", "lora_B"]
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nf4_linear_on_cpu_dequantises_in_c_to_the_torch_bits(double_quant, dtype):
+    """On the CPU ``NF4Linear.dequantize`` runs the C dequantiser: the same bits as the torch one."""
+    linear = torch.nn.Linear(192, 24, bias=False)
+    layer = NF4Linear.from_linear(linear, blocksize=64, double_quant=double_quant)
+    out = layer.dequantize(dtype)
+    assert out.dtype == dtype and out.shape == (24, 192)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(out.view(bits), tnf4.dequantize(layer.quant_state(), dtype).view(bits))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_linear_small_batches_use_the_c_matmul_within_the_bound(double_quant, monkeypatch):
+    """Up to ``NATIVE_MATMUL_ROWS`` float32 rows on the CPU, the forward is ``native.matmul_nf4`` on the packed
+    bytes (exact mode): within γ_K·(|x|·|W|ᵀ) of the float64 product; more rows take dequantise + ``F.linear``
+    (the same bits as before). The backward is ``g @ dequant(W)`` either way."""
+    from minilora import native
+    from minilora.torch_backend import qlora
+    N, K = 40, 256
+    linear = torch.nn.Linear(K, N)
+    layer = NF4Linear.from_linear(linear, blocksize=64, double_quant=double_quant)
+    W = layer.dequantize()  # (N, K) float32
+    calls, real = [], native.matmul_nf4
+    monkeypatch.setattr(native, "matmul_nf4", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    for M in (1, 3, qlora.NATIVE_MATMUL_ROWS, qlora.NATIVE_MATMUL_ROWS + 1):
+        x = torch.randn(M, K, requires_grad=True)
+        y = layer(x)  # (M, N)
+        bound = gamma(K) * (x.detach().abs().double() @ W.abs().double().T)
+        exact = x.detach().double() @ W.double().T + linear.bias.detach().double()
+        assert bool(((y.detach().double() - exact).abs() <= bound + 2 * U32 * exact.abs()).all())  # + the bias add
+        if M > qlora.NATIVE_MATMUL_ROWS:
+            assert torch.equal(y, F.linear(x, W) + linear.bias)
+        g = torch.randn(M, N)
+        (gx,) = torch.autograd.grad(y, x, g)
+        assert torch.equal(gx, g @ W)
+    assert calls == [(1, K), (3, K), (qlora.NATIVE_MATMUL_ROWS, K)]  # the C kernel ran exactly for the small ones
 
 
 @pytest.mark.parametrize("device", DEVICES)

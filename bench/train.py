@@ -136,7 +136,7 @@ def job_peft(cfg, clock):
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.bfloat16)
         model = LlamaForCausalLM.from_pretrained(cfg["model"], dtype=torch.bfloat16, quantization_config=bnb,
-                                                 device_map={"": device.index or 0})
+                                                 device_map={"": (device.index or 0) if on_cuda else "cpu"})
     else:
         dtype = torch.bfloat16 if on_cuda else torch.float32
         model = LlamaForCausalLM.from_pretrained(cfg["model"], dtype=dtype).to(device)
@@ -341,6 +341,11 @@ def cpu_section(args, workdir):
               "speed_min_step": min(r["step_min_s"] for r in b["runs"]) / min(r["step_min_s"] for r in a["runs"]),
               "cpu_per_step": a["step_cpu_s"] / b["step_cpu_s"]}
     out = {"shape": shape, "config": cfg, "runs": res, "ratios": ratios, "loss": loss_agreement(a, b)}
+    if args.cpu_qlora:  # information, no target: QLoRA on the CPU (minilora's C kernels vs bitsandbytes' CPU path)
+        q = compare("cpu-qlora", [("minilora-qlora", "minilora", True), ("peft-bnb-qlora", "peft", True)], cfg,
+                    args.repeat, folder)
+        out["qlora"] = {"runs": q, "speed": q["minilora-qlora"]["tokens_per_s"] / q["peft-bnb-qlora"]["tokens_per_s"],
+                        "mem": q["minilora-qlora"]["peak_bytes"] / q["peft-bnb-qlora"]["peak_bytes"]}
     if args.profile:
         prof = os.path.join(workdir, "train_profile_minilora.txt")
         spawn("minilora", dict(cfg, qlora=False, out=os.path.join(folder, "out-profile"), profile=prof))
@@ -395,6 +400,15 @@ def markdown(meta, cpu, cuda):
                      f"(|Δ| {lo['first_abs_diff']:.2e}); last {lo['last'][0]:.6f} vs {lo['last'][1]:.6f}; largest "
                      f"|Δ| over all steps {lo['max_abs_diff']:.2e}.")
         lines.append("")
+        if "qlora" in cpu:
+            lines += ["### QLoRA on the CPU (`--cpu-qlora`, information, no target)", "",
+                      "minilora `--qlora --double-quant` (float32 compute, the C dequantiser) against PEFT + "
+                      "bitsandbytes 4-bit NF4 with double quantisation (its CPU path, bfloat16 weights and compute): "
+                      "not the same arithmetic, so the losses differ a little.", ""]
+            lines += table(cpu["qlora"]["runs"], ["minilora-qlora", "peft-bnb-qlora"])
+            lines += ["", *ratio_lines([("minilora / PEFT + bnb tokens/s (QLoRA, CPU)", cpu["qlora"]["speed"], None, True),
+                                        ("minilora / PEFT + bnb peak RSS (QLoRA, CPU)", cpu["qlora"]["mem"], None,
+                                         False)]), ""]
     if cuda is None:
         lines += ["## CUDA (LoRA and QLoRA)", "", "Did not run: `torch.cuda.is_available()` is False on this machine "
                   "(no GPU). On a GPU this section compares minilora LoRA / QLoRA with PEFT LoRA / PEFT + "
@@ -450,6 +464,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="8 steps (2 warm-up), one round")
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU part (e.g. on a GPU machine)")
     p.add_argument("--profile", action="store_true", help="one torch.profiler'd run of each contender (CPU)")
+    p.add_argument("--cpu-qlora", action="store_true", help="also QLoRA on the CPU vs PEFT + bitsandbytes (information)")
     p.add_argument("--workdir", default=os.path.join(HERE, "out"), help="scratch folder (checkpoints, outputs)")
     p.add_argument("--regenerate", action="store_true", help="rewrite the synthetic checkpoints")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
@@ -477,7 +492,8 @@ def main(argv=None):
                        f"at every step.")}
     cpu = None if args.no_cpu else cpu_section(args, workdir)
     cuda = cuda_section(args, workdir) if has_cuda else None
-    loads = [x for sec in (cpu, cuda) if sec for r in sec["runs"].values() for x in r["loads"]]
+    sections = [cpu, cuda] + ([cpu["qlora"]] if cpu and "qlora" in cpu else [])
+    loads = [x for sec in sections if sec for r in sec["runs"].values() for x in r["loads"]]
     meta["method"] = meta["method"].replace("{loads}", f"{min(loads):.1f}–{max(loads):.1f}" if loads else "-")
     text = markdown(meta, cpu, cuda)
     with open(os.path.join(workdir, "train_results.md"), "w") as f:

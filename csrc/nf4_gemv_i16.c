@@ -169,7 +169,7 @@ static void i16_range_avx2(void *ctx, int tid, int64_t n0, int64_t n1)
         for (int64_t kb = 0, b = 0; kb < K; kb += bs, b++) {   /* b = kb / bs: no division per block */
             __m256 block = _mm256_setzero_ps();
             for (int64_t k = kb; k < kb + bs; k += GROUP) {
-                _mm_prefetch((const char *)(w_n + k / 2 + 2048), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w_n + k / 2 + GEMV_PREFETCH_BYTES), _MM_HINT_T0);
                 __m256i isum = i16_dot64(_mm256_loadu_si256((const __m256i *)(w_n + k / 2)), a->xq + k, &t);
                 block = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_loadu_ps(a->d + k / GROUP * 8), block);
             }
@@ -193,15 +193,10 @@ static void i16_range32_avx2(void *ctx, int tid, int64_t n0, int64_t n1)
         const float *absmax_n = a->absmax + n * K / 32;
         __m256 acc = _mm256_setzero_ps();
         for (int64_t k = 0; k < K; k += GROUP) {
-            _mm_prefetch((const char *)(w_n + k / 2 + 2048), _MM_HINT_T0);
-            const int full = k + GROUP <= K;
-            __m256i v = full ? _mm256_loadu_si256((const __m256i *)(w_n + k / 2))
-                             : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(w_n + k / 2)));
-            __m256i isum = i16_dot64(v, a->xq + k, &t);
+            _mm_prefetch((const char *)(w_n + k / 2 + GEMV_PREFETCH_BYTES), _MM_HINT_T0);
+            __m256i isum = i16_dot64(gemv32_group(w_n, k, K), a->xq + k, &t);
             __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_loadu_ps(a->d + k / GROUP * 8));
-            __m256 scale = _mm256_setr_m128(_mm_set1_ps(absmax_n[k / 32]),
-                                            _mm_set1_ps(full ? absmax_n[k / 32 + 1] : 0.0f));
-            acc = _mm256_fmadd_ps(scale, f, acc);
+            acc = _mm256_fmadd_ps(gemv32_scale(absmax_n, k, K), f, acc);
         }
         a->y[n] = hsum_ps(acc);
     }

@@ -241,17 +241,16 @@ class PackedNF4:
         y = np.empty((M, self.N), dtype=np.float32)  # (M, N)
         if M == 0:
             return y
-        if mode == "int16":  # one GEMV per row of x
-            nbytes = max(lib.minilora_matmul_nf4_scratch_bytes(1, self.N, self.K, self._threads), 0)
-            scratch = np.empty(nbytes, dtype=np.uint8)  # per call: two threads may share this object
+        rows = 1 if mode == "int16" else M  # the int16 mode is a GEMV: one call per row of x
+        nbytes = max(lib.minilora_matmul_nf4_scratch_bytes(rows, self.N, self.K, self._threads), 0)
+        scratch = np.empty(nbytes, dtype=np.uint8)  # per call: two threads may share this object
+        if mode == "int16":
             for m in range(M):
                 status = self._fn_i16(_ptr("float", xf[m]), self._packed, self._absmax, self.N, self.K,
                                       self.blocksize, _ptr("float", y[m]), _ptr("uint8_t", scratch), nbytes,
                                       self._threads)
                 _check(status, "gemv_nf4_i16")
             return y
-        nbytes = max(lib.minilora_matmul_nf4_scratch_bytes(M, self.N, self.K, self._threads), 0)
-        scratch = np.empty(nbytes, dtype=np.uint8)  # per call: two threads may share this object
         status = self._fn(_ptr("float", xf), self._packed, self._absmax, M, self.N, self.K, self.blocksize,
                           _ptr("float", y), _ptr("uint8_t", scratch), nbytes, self._threads)
         _check(status, "matmul_nf4")

@@ -29,7 +29,7 @@ from minilora.errors import InputError
 from minilora.nf4_checkpoint import is_aux_key, quantized_weights, read_state
 from minilora.torch_backend.lora import grouped_forward
 from minilora.torch_backend.loss import linear_cross_entropy
-from minilora.torch_backend.nf4 import QuantState
+from minilora.torch_backend.nf4 import QuantState, numpy_to_torch
 from minilora.torch_backend.qlora import NF4Linear
 
 SUPPORTED = {"llama": "LlamaForCausalLM"}  # model_type -> architecture
@@ -284,10 +284,7 @@ class Llama(nn.Module):
 
 def _to_torch(arr, dtype):
     """A checkpoint array (bfloat16 as ml_dtypes) -> torch tensor in ``dtype``."""
-    arr = np.ascontiguousarray(arr)
-    if arr.dtype.name == "bfloat16":
-        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16).to(dtype)
-    return torch.from_numpy(arr).to(dtype)
+    return numpy_to_torch(arr).to(dtype)
 
 
 def _checkpoint_dtype(ckpt):

@@ -28,6 +28,15 @@ NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.
 TORCH_DTYPES = {v: k for k, v in NUMPY_DTYPES.items()}
 
 
+def numpy_to_torch(arr):
+    """A NumPy array -> a CPU torch tensor (sharing its memory when it is contiguous); bfloat16 (ml_dtypes),
+    which ``torch.from_numpy`` does not know, goes through its bit pattern."""
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype == NUMPY_DTYPES[torch.bfloat16]:
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
 @lru_cache(maxsize=None)
 def _table(name, device):
     """A reference table as a float32 tensor on ``device`` (cached; the values come from minilora.tables)."""

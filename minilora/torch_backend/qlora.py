@@ -16,7 +16,6 @@ everything stays in torch.
 Not here: a fused NF4 matmul kernel on CUDA, FP4, re-quantising a merged weight (QLoRA merges are lossy;
 ``QLoraLinear.merged()`` returns a full-precision Linear).
 """
-import ml_dtypes
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,6 @@ from minilora.torch_backend import nf4
 from minilora.torch_backend.lora import LoraLinear
 
 NATIVE_MATMUL_ROWS = 64  # up to here the C matmul on packed bytes beats C dequantise + BLAS (bench/nf4.py)
-_NATIVE_DTYPES = {torch.float32: np.float32, torch.bfloat16: ml_dtypes.bfloat16, torch.float16: np.float16}
 
 
 def _bits(t):
@@ -99,13 +97,11 @@ class NF4Linear(nn.Module):
         """``W (N, K)`` in ``dtype`` (default ``compute_dtype``), bit-exact with ``minilora.nf4.dequantize``
         (on the CPU through the C dequantiser, which is bit-exact with it too)."""
         dtype = self.compute_dtype if dtype is None else dtype
-        if self.packed.device.type != "cpu" or dtype not in _NATIVE_DTYPES:
+        if self.packed.device.type != "cpu" or dtype not in nf4.NUMPY_DTYPES:
             return nf4.dequantize(self.quant_state(), dtype)
         packed, absmax = self._native_state()
-        out = native.dequantize_nf4(packed, absmax, self.shape, _NATIVE_DTYPES[dtype], self.blocksize)  # (N, K)
-        if dtype == torch.bfloat16:  # torch.from_numpy knows no ml_dtypes: through the bit pattern
-            return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(out)
+        return nf4.numpy_to_torch(native.dequantize_nf4(packed, absmax, self.shape, nf4.NUMPY_DTYPES[dtype],
+                                                        self.blocksize))  # (N, K)
 
     def _native_state(self):
         """``(packed, absmax)`` as NumPy views for ``minilora.native``: absmax float32 (nblocks,), decoded from

@@ -47,6 +47,7 @@ SHAPES = {  # llama_config(...) arguments
 }
 RANK, ALPHA, LR, SEED, CLIP = 8, 16, 1e-4, 0, 1.0
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA, QLORA = {"qlora": False}, {"qlora": True}  # the contenders' settings
 TARGETS = {"speed": 1.2, "mem": 1.0, "qlora_mem": 1.0, "qlora_time": 1.15}
 REFERENCE = "PEFT + bitsandbytes on an H100, Llama-2-7B, 4x512, r=8 all linear: QLoRA +26 % time, -34 % memory " \
             "vs PEFT LoRA; the seed's own figure: +39 % / -33 %"
@@ -91,7 +92,7 @@ def train_options(cfg):
     return TrainOptions(rank=RANK, alpha=ALPHA, targets="all", dropout=0.0, qlora=cfg["qlora"], double_quant=True,
                         lr=LR, scheduler="constant", warmup=0, weight_decay=0.0, max_steps=cfg["steps"],
                         batch_size=cfg["batch"], max_length=cfg["seq"], max_grad_norm=CLIP, seed=SEED,
-                        device=cfg["device"])
+                        device=cfg["device"], compile=cfg.get("compile"))
 
 
 def job_minilora(cfg, clock):
@@ -193,12 +194,15 @@ def run_child(kind, cfg_json):
     job = {"minilora": job_minilora, "peft": job_peft}[kind]
     if cfg.get("profile"):
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        on_cuda = cfg["device"].startswith("cuda")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+        key = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+        with profile(activities=activities, record_shapes=True) as prof:
             losses = job(cfg, clock)
         with open(cfg["profile"], "w") as f:
-            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+            f.write(prof.key_averages().table(sort_by=key, row_limit=40))
             f.write("\n\n")
-            f.write(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40))
+            f.write(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40))
     else:
         losses = job(cfg, clock)
     steps = [b - a for a, b in zip(clock.ticks, clock.ticks[1:])]  # step k+1 .. from tick k to tick k+1
@@ -273,8 +277,8 @@ def compare(label, contenders, base_cfg, repeat, folder):
     """Run each (name, kind, qlora) contender ``repeat`` times, alternating; keep each one's best run."""
     runs = {name: [] for name, _, _ in contenders}
     for rnd in range(repeat):
-        for name, kind, qlora in contenders:
-            cfg = dict(base_cfg, qlora=qlora, out=os.path.join(folder, f"out-{name}"))
+        for name, kind, extra in contenders:
+            cfg = dict(base_cfg, **extra, out=os.path.join(folder, f"out-{name}"))
             r = spawn(kind, cfg)
             runs[name].append(r)
             log(f"[{label}] round {rnd + 1} {name:14s} {r['tokens_per_s']:8.0f} tok/s  step {r['step_mean_s']:.3f} s "
@@ -335,14 +339,14 @@ def cpu_section(args, workdir):
     folder, model, data = prepare(workdir, "cpu", shape, "float32", tokens, args.regenerate)
     cfg = {"model": model, "data": data, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
            "seq": args.seq, "threads": args.threads, "device": "cpu"}
-    res = compare("cpu", [("minilora", "minilora", False), ("peft", "peft", False)], cfg, args.repeat, folder)
+    res = compare("cpu", [("minilora", "minilora", LORA), ("peft", "peft", LORA)], cfg, args.repeat, folder)
     a, b = res["minilora"], res["peft"]
     ratios = {"speed": a["tokens_per_s"] / b["tokens_per_s"], "mem": a["peak_bytes"] / b["peak_bytes"],
               "speed_min_step": min(r["step_min_s"] for r in b["runs"]) / min(r["step_min_s"] for r in a["runs"]),
               "cpu_per_step": a["step_cpu_s"] / b["step_cpu_s"]}
     out = {"shape": shape, "config": cfg, "runs": res, "ratios": ratios, "loss": loss_agreement(a, b)}
     if args.cpu_qlora:  # information, no target: QLoRA on the CPU (minilora's C kernels vs bitsandbytes' CPU path)
-        q = compare("cpu-qlora", [("minilora-qlora", "minilora", True), ("peft-bnb-qlora", "peft", True)], cfg,
+        q = compare("cpu-qlora", [("minilora-qlora", "minilora", QLORA), ("peft-bnb-qlora", "peft", QLORA)], cfg,
                     args.repeat, folder)
         out["qlora"] = {"runs": q, "speed": q["minilora-qlora"]["tokens_per_s"] / q["peft-bnb-qlora"]["tokens_per_s"],
                         "mem": q["minilora-qlora"]["peak_bytes"] / q["peft-bnb-qlora"]["peak_bytes"]}
@@ -363,10 +367,19 @@ def cuda_section(args, workdir):
                                   "bfloat16", tokens, args.regenerate)
     cfg = {"model": model, "data": data, "steps": args.steps, "warmup": args.warmup, "batch": batch, "seq": seq,
            "threads": args.threads, "device": "cuda:0"}
-    contenders = [("minilora-lora", "minilora", False), ("peft-lora", "peft", False),
-                  ("minilora-qlora", "minilora", True), ("peft-bnb-qlora", "peft", True)]
+    contenders = [("minilora-lora", "minilora", LORA), ("peft-lora", "peft", LORA),
+                  ("minilora-qlora", "minilora", QLORA), ("peft-bnb-qlora", "peft", QLORA)]
+    if args.eager:  # information: minilora without torch.compile (--no-compile)
+        contenders += [("minilora-lora-eager", "minilora", dict(LORA, compile=False)),
+                       ("minilora-qlora-eager", "minilora", dict(QLORA, compile=False))]
     res = compare("cuda", contenders, cfg, args.repeat, folder)
-    ml, pl, mq, pq = (res[n] for n, _, _ in contenders)
+    ml, pl, mq, pq = (res[n] for n, _, _ in contenders[:4])
+    profiles = []
+    if args.profile:  # one torch.profiler'd run of each contender (CPU + CUDA activity), tables sorted by GPU time
+        for name, kind, extra in contenders[:4]:
+            prof = os.path.join(workdir, f"train_profile_cuda_{name}.txt")
+            spawn(kind, dict(cfg, **extra, out=os.path.join(folder, f"out-profile-{name}"), profile=prof))
+            profiles.append(prof)
     ratios = {"speed": ml["tokens_per_s"] / pl["tokens_per_s"],
               "qlora_mem": mq["peak_bytes"] / pq["peak_bytes"],
               "qlora_time": mq["step_mean_s"] / ml["step_mean_s"],
@@ -374,7 +387,7 @@ def cuda_section(args, workdir):
               "peft_qlora_time": pq["step_mean_s"] / pl["step_mean_s"],
               "peft_qlora_mem": pq["peak_bytes"] / pl["peak_bytes"],
               "qlora_speed": mq["tokens_per_s"] / pq["tokens_per_s"]}
-    return {"shape": shape, "config": cfg, "runs": res, "ratios": ratios,
+    return {"shape": shape, "config": cfg, "runs": res, "ratios": ratios, "profiles": profiles,
             "loss": {"lora": loss_agreement(ml, pl), "qlora": loss_agreement(mq, pq)}}
 
 
@@ -417,7 +430,7 @@ def markdown(meta, cpu, cuda):
         s, c = cuda["shape"], cuda["config"]
         lines += [f"## CUDA, bfloat16 (autocast): Llama hidden {s['hidden']}, intermediate {s['intermediate']}, "
                   f"{s['layers']} layers, vocab {s['vocab']}; batch {c['batch']} × {c['seq']}, r={RANK} all linear", ""]
-        lines += table(cuda["runs"], ["minilora-lora", "peft-lora", "minilora-qlora", "peft-bnb-qlora"])
+        lines += table(cuda["runs"], list(cuda["runs"]))
         q = cuda["ratios"]
         lines += ["", *ratio_lines([
             ("minilora / PEFT tokens/s (LoRA)", q["speed"], TARGETS["speed"], True),
@@ -463,7 +476,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch threads in every job")
     p.add_argument("--quick", action="store_true", help="8 steps (2 warm-up), one round")
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU part (e.g. on a GPU machine)")
-    p.add_argument("--profile", action="store_true", help="one torch.profiler'd run of each contender (CPU)")
+    p.add_argument("--profile", action="store_true", help="one torch.profiler'd run of each contender (CPU; on CUDA with GPU times)")
+    p.add_argument("--eager", action="store_true", help="also minilora without torch.compile on CUDA (information)")
     p.add_argument("--cpu-qlora", action="store_true", help="also QLoRA on the CPU vs PEFT + bitsandbytes (information)")
     p.add_argument("--workdir", default=os.path.join(HERE, "out"), help="scratch folder (checkpoints, outputs)")
     p.add_argument("--regenerate", action="store_true", help="rewrite the synthetic checkpoints")

@@ -49,6 +49,9 @@ def _torch_backend():
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT/checkpoint.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: cuda if present, else cpu].")
+@click.option("--compile/--no-compile", "compile", default=None,
+              help="torch.compile each decoder block (fused element-wise kernels, fewer launches; the first "
+                   "steps pay the compilation) [default: on CUDA yes, on the CPU no].")
 @json_option
 @quiet_option
 def train(model_dir, data_path, output, resume, as_json, quiet, **options):

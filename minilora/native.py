@@ -151,6 +151,15 @@ def dequantize_nf4(packed, absmax, shape, dtype=np.float32, blocksize=DEFAULT_BL
     return out.reshape(shape)  # shape
 
 
+def exact_mean_float32(absmax):
+    """The float32 nearest (ties to even) to the exact mean of absmax float32 (nblocks,): the same value as
+    ``minilora.double_quant.exact_mean_float32``, in C (an exact wide-integer sum) instead of Python integers."""
+    absmax = _f32_vector(absmax, "absmax")
+    mean = ffi.new("float *")
+    _check(lib.minilora_exact_mean_f32(_ptr("float", absmax), absmax.size, mean), "exact_mean_f32")
+    return np.float32(mean[0])
+
+
 def double_quantize(absmax, offset=None, *, variant="auto"):
     """absmax float32 (nblocks,) -> codes uint8 (nblocks,), nested_absmax float32 (ceil(nblocks/256),), offset.
 
@@ -158,11 +167,7 @@ def double_quantize(absmax, offset=None, *, variant="auto"):
     """
     fn = _kernel("double_quantize", variant, simd=False)
     absmax = _f32_vector(absmax, "absmax")
-    if offset is None:
-        mean = ffi.new("float *")
-        _check(lib.minilora_exact_mean_f32(_ptr("float", absmax), absmax.size, mean), "exact_mean_f32")
-        offset = mean[0]
-    offset = as_f32_scalar(offset, "offset")
+    offset = exact_mean_float32(absmax) if offset is None else as_f32_scalar(offset, "offset")
     codes = np.empty(absmax.size, dtype=np.uint8)  # (nblocks,)
     nested = np.empty(-(-absmax.size // NESTED_BLOCKSIZE), dtype=np.float32)  # (ceil(nblocks/256),)
     status = fn(_ptr("float", absmax), absmax.size, float(offset), _ptr("uint8_t", codes), _ptr("float", nested))

@@ -20,6 +20,7 @@ from minilora import double_quant as ref_dq  # noqa: E402
 from minilora import nf4 as ref  # noqa: E402
 from minilora.tables import ALLOWED_BLOCKSIZES, NESTED_BLOCKSIZE, NF4_MID  # noqa: E402
 from minilora.torch_backend import nf4 as tnf4  # noqa: E402
+from minilora.torch_backend import nf4_triton  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data" / "nf4"
 META = json.loads((DATA / "meta.json").read_text())
@@ -75,8 +76,10 @@ def check_quantize(x, blocksize, device, double_quant=False):
     else:
         assert_same_bits(ref_state.absmax, out_state.absmax, "absmax")
     for name in ("float32", "float16", "bfloat16"):
-        assert_same_bits(ref.dequantize(ref_state, NP_DTYPES[name]), tnf4.dequantize(out_state, T_DTYPES[name]),
-                         f"dequantised {name}")
+        want = ref.dequantize(ref_state, NP_DTYPES[name])
+        assert_same_bits(want, tnf4.dequantize(out_state, T_DTYPES[name]), f"dequantised {name}")
+        if nf4_triton.available(out_state.packed):  # CUDA: the Triton kernel of NF4Linear.dequantize too
+            assert_same_bits(want, nf4_triton.dequantize(out_state, T_DTYPES[name]), f"Triton dequantised {name}")
     return ref_state, out_state
 
 
@@ -174,6 +177,30 @@ def test_quant_state_round_trips_through_numpy(device):
         back = tnf4.QuantState.from_numpy(out.to_numpy(), device)
         assert_same_bits(ref.dequantize(out.to_numpy()), tnf4.dequantize(back), f"round trip dq={dq}")
         assert tnf4.dequantize(back).shape == (24, 40) and tnf4.dequantize(back).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or nf4_triton.triton is None,
+                    reason="no CUDA device with Triton: the Triton dequantiser needs a GPU")
+@pytest.mark.parametrize("blocksize", ALLOWED_BLOCKSIZES)
+def test_triton_dequantize_every_blocksize_many_programs(blocksize):
+    """Shapes spanning several programs (BLOCK bytes each), odd element counts and every block size, with and
+    without double quantisation (more than 256 blocks, so several nested blocks): the same bits as the
+    reference for every output dtype."""
+    rng = np.random.default_rng(blocksize)
+    for n in (2 * nf4_triton.BLOCK * 3 + 1, 256 * blocksize + 3 * blocksize + 7):
+        x = (rng.standard_normal(n) * rng.choice([1e-3, 1.0, 50.0], size=n)).astype(np.float32)
+        x[rng.integers(0, n, 3)] = [np.nan, np.inf, 0.0]
+        for dq in (False, True):
+            check_quantize(x, blocksize, "cuda", dq)
+
+
+def test_triton_switch_off(monkeypatch):
+    """``MINILORA_NO_TRITON=1`` (read at import into ``USE_TRITON``) sends NF4Linear back to the torch transcription."""
+    t = torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(nf4_triton, "USE_TRITON", False)
+    assert not nf4_triton.available(t)
+    monkeypatch.setattr(nf4_triton, "USE_TRITON", True)
+    assert nf4_triton.available(t) == (torch.cuda.is_available() and nf4_triton.triton is not None)
 
 
 # ---------------------------------------------------------------- errors: the same exception types

@@ -19,6 +19,10 @@ from minilora.safetensors_io import load_file  # noqa: E402
 
 MODEL = os.path.join(os.path.dirname(__file__), "data", "models", "tiny-llama")
 SMALL = ["--max-length", "24", "--batch-size", "4", "--rank", "4", "--seed", "3"]
+import torch  # noqa: E402
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the CUDA variant needs a GPU"))]
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +41,11 @@ def _run(args, env=None, cwd=None):
                           capture_output=True, text=True, env=env, cwd=cwd)
 
 
-def test_train_reduces_loss_and_writes_a_peft_adapter(tmp_path, data_file):
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_reduces_loss_and_writes_a_peft_adapter(tmp_path, data_file, device):
     out = tmp_path / "adapter"
     r = _run(["train", "--model", MODEL, "--data", data_file, "-o", out, "--max-steps", "12", "--lr", "1e-2",
-              "--eval-split", "0.2", "--eval-every", "6", "--json", *SMALL], cwd=tmp_path)
+              "--eval-split", "0.2", "--eval-every", "6", "--json", "--device", device, *SMALL], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["final_loss"] < summary["first_loss"] - 0.2
@@ -58,9 +63,33 @@ def test_train_reduces_loss_and_writes_a_peft_adapter(tmp_path, data_file):
     assert merged.exit_code == 0, merged.stderr
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path, data_file):
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_blocks_train_like_eager_ones(tmp_path, data_file, device):
+    """``--compile`` (torch.compile of every block; the CUDA default) computes the same losses and adapter as
+    ``--no-compile`` up to the rounding of its fused kernels: float32 on the CPU, bfloat16 autocast on CUDA.
+    The tolerances are those roundings with room (a wrong graph moves the loss by O(1), not 1e-4)."""
+    outs = {}
+    for mode in ("--compile", "--no-compile"):
+        r = _run(["train", "--model", MODEL, "--data", data_file, "-o", tmp_path / mode, "--max-steps", "3",
+                  "--lr", "1e-2", "--device", device, "-q", mode, *SMALL], cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        log = [json.loads(line) for line in (tmp_path / mode / "train_log.jsonl").read_text().splitlines()]
+        outs[mode] = ([row["loss"] for row in log], load_file(tmp_path / mode / "adapter_model.safetensors"))
+    (la, a), (lb, b) = outs["--compile"], outs["--no-compile"]
+    rtol = 1e-5 if device == "cpu" else 3e-2
+    np.testing.assert_allclose(la, lb, rtol=rtol)
+    assert a.keys() == b.keys()
+    # AdamW's first steps move each entry by ~lr·sign(g), so a rounding difference in a near-zero gradient
+    # can flip single entries: compare whole matrices (relative Frobenius distance), not entries.
+    for key in a:
+        x, y = a[key].astype(np.float64), b[key].astype(np.float64)
+        assert np.linalg.norm(x - y) <= (1e-3 if device == "cpu" else 0.3) * np.linalg.norm(y), key
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_after_sigkill_is_bit_identical(tmp_path, data_file, device):
     args = ["train", "--model", MODEL, "--data", data_file, "--max-steps", "6", "--save-every", "2",
-            "--dropout", "0.1", "--lr", "5e-3", "-q", *SMALL]
+            "--dropout", "0.1", "--lr", "5e-3", "-q", "--device", device, *SMALL]
     full = _run([*args, "-o", tmp_path / "full"], cwd=tmp_path)
     assert full.returncode == 0, full.stderr
     killed = _run([*args, "-o", tmp_path / "cut"], env={"MINILORA_TEST_KILL_AT_STEP": "5"}, cwd=tmp_path)
@@ -78,7 +107,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, data_file):
 
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, data_file):
     common = ["--model", MODEL, "--data", data_file, "--max-steps", "1", "--optimizer", "sgd", "--lr", "1.0",
-              "--max-grad-norm", "0", "--max-length", "24", "--rank", "4", "--seed", "3", "-q"]
+              "--max-grad-norm", "0", "--max-length", "24", "--rank", "4", "--seed", "3", "-q", "--device", "cpu"]
     one = _run(["train", *common, "--batch-size", "4", "-o", tmp_path / "one"], cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -128,10 +157,11 @@ def test_bad_input(tmp_path, data_file, case, message):
     assert message in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_qlora_trains_and_generate_runs(tmp_path, data_file):
+@pytest.mark.parametrize("device", DEVICES)
+def test_qlora_trains_and_generate_runs(tmp_path, data_file, device):
     out = tmp_path / "q"
     r = _run(["train", "--model", MODEL, "--data", data_file, "-o", out, "--max-steps", "3", "--qlora",
-              "--lr", "1e-2", "--json", *SMALL], cwd=tmp_path)
+              "--lr", "1e-2", "--json", "--device", device, *SMALL], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])

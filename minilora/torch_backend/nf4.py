@@ -8,8 +8,9 @@ reference function of the same name line by line: every element-wise step is one
 reduction except ``max``, which is exact. The tables come from ``minilora.tables``, never re-typed.
 
 Not here: FP4 (``minilora.nf4.quantize_fp4``), bitsandbytes' CUDA decision bounds (the reference's
-CPU bounds are used on every device), the exact mean of the absmax values (computed by the reference on
-the CPU, because it needs rational arithmetic; pass ``offset`` to skip it), ``torch.compile``.
+CPU bounds are used on every device), the exact mean of the absmax values (computed on the CPU by
+``minilora.native``'s exact integer sum; pass ``offset`` to skip it), ``torch.compile``; the CUDA
+dequantiser kernel (``nf4_triton.py``, checked against these functions).
 """
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from minilora import double_quant as ref_dq
+from minilora import native
 from minilora import nf4 as ref
 from minilora.tables import DEFAULT_BLOCKSIZE, DYNAMIC_MAP, NESTED_BLOCKSIZE, NF4, NF4_MID, TINY, ZERO_CODE
 
@@ -171,8 +173,8 @@ def double_quantize(absmax, offset=None):
     """
     if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.dim() != 1:
         raise TypeError(f"absmax must be a 1-D float32 tensor, got {getattr(absmax, 'dtype', type(absmax))}")
-    if offset is None:
-        offset = ref_dq.exact_mean_float32(absmax.detach().cpu().numpy())
+    if offset is None:  # the C exact sum: the reference's value (tests/test_native.py), ~100× faster
+        offset = native.exact_mean_float32(absmax.detach().cpu().numpy())
     offset = ref_dq.as_f32_scalar(offset, "offset")
     n = absmax.numel()
     nn_ = -(-n // NESTED_BLOCKSIZE)

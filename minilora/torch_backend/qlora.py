@@ -10,10 +10,11 @@ On the CPU the C kernels of ``minilora.native`` serve the weight: ``dequantize``
 (the same bits as the torch one, both being bit-exact with the reference; ~23× faster on 4096 × 4096), and a
 float32 forward over at most ``NATIVE_MATMUL_ROWS`` rows (a decode step, a small batch) runs the exact-mode
 NF4 matmul on the packed bytes without materialising W (~200× faster than dequantise + matmul for one
-token on 4096 × 4096), within the same γ_K bound as ``F.linear`` on the dequantised weight. On CUDA
-everything stays in torch.
+token on 4096 × 4096), within the same γ_K bound as ``F.linear`` on the dequantised weight. On CUDA one
+Triton kernel dequantises (``nf4_triton.py``: the same bits, ~15× less memory traffic than the torch
+transcription, which stays as its reference and as the path with ``MINILORA_NO_TRITON=1``) and cuBLAS multiplies.
 
-Not here: a fused NF4 matmul kernel on CUDA, FP4, re-quantising a merged weight (QLoRA merges are lossy;
+Not here: a fused dequantise-matmul kernel on CUDA, FP4, re-quantising a merged weight (QLoRA merges are lossy;
 ``QLoraLinear.merged()`` returns a full-precision Linear).
 """
 import numpy as np
@@ -23,7 +24,7 @@ from torch import nn
 
 from minilora import native
 from minilora.tables import DEFAULT_BLOCKSIZE
-from minilora.torch_backend import nf4
+from minilora.torch_backend import nf4, nf4_triton
 from minilora.torch_backend.lora import LoraLinear
 
 NATIVE_MATMUL_ROWS = 64  # up to here the C matmul on packed bytes beats C dequantise + BLAS (bench/nf4.py)
@@ -75,6 +76,11 @@ class NF4Linear(nn.Module):
         self.register_buffer("nested_codes", state.nested_codes)  # (nblocks,) uint8, DQ only
         self.register_buffer("nested_absmax_bits", _bits(state.nested_absmax))  # (ceil(nblocks/256),), DQ only
         self.offset = state.offset  # np.float32 or None
+        # the CUDA kernel's inputs (nf4_triton.py), as int32 bit patterns too; not part of the state_dict
+        self.register_buffer("offset_bits", None if state.offset is None else _bits(
+            torch.tensor([float(state.offset)], dtype=torch.float32, device=state.packed.device)), persistent=False)
+        self.register_buffer("nf4_bits", _bits(nf4._table("NF4", state.packed.device)), persistent=False)  # (16,)
+        self.register_buffer("dyn_bits", _bits(nf4._table("DYN", state.packed.device)), persistent=False)  # (256,)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
@@ -97,6 +103,8 @@ class NF4Linear(nn.Module):
         """``W (N, K)`` in ``dtype`` (default ``compute_dtype``), bit-exact with ``minilora.nf4.dequantize``
         (on the CPU through the C dequantiser, which is bit-exact with it too)."""
         dtype = self.compute_dtype if dtype is None else dtype
+        if nf4_triton.available(self.packed) and dtype in nf4.IN_DTYPES:
+            return nf4_triton.dequantize_layer(self, dtype)  # (N, K), one kernel, the same bits
         if self.packed.device.type != "cpu" or dtype not in nf4.NUMPY_DTYPES:
             return nf4.dequantize(self.quant_state(), dtype)
         packed, absmax = self._native_state()
@@ -127,8 +135,16 @@ class NF4Linear(nn.Module):
         return torch.from_numpy(y).view(*x.shape[:-1], self.out_features)  # (..., N)
 
     def forward(self, x):
-        y = _DequantLinear.apply(x.to(self.compute_dtype), self)  # (..., N)
+        x = x.to(self.compute_dtype)
+        if nf4_triton.available(self.packed):  # CUDA: traceable, so a compiled block stays one graph
+            y = nf4_triton.nf4_linear(x, self)  # (..., N)
+        else:
+            y = self._eager_matmul(x)  # (..., N)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @torch.compiler.disable  # the C kernels (CPU) and the torch transcription run eagerly
+    def _eager_matmul(self, x):
+        return _DequantLinear.apply(x, self)  # (..., N)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize="

@@ -44,13 +44,18 @@ def lr_at(step, total, opts):
     return opts.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _dist():
-    """(rank, world, local device index) — initialising torch.distributed under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def _dist(requested=None):
+    """``(rank, world, device)``, initialising torch.distributed under torchrun: NCCL when the processes
+    train on GPUs, gloo on the CPU. The device is ``requested`` (``--device``; a plain ``cuda`` means this
+    process's GPU, ``cuda:LOCAL_RANK``), else this process's GPU when there is one, else the CPU."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{local}" if name == "cuda" else name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    return rank, world, int(os.environ.get("LOCAL_RANK", "0"))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
 
 
 def prepare_data(model_dir, data_path, opts):
@@ -103,7 +108,22 @@ def build_model(model_dir, opts, device):
     except ValueError as e:
         raise InputError(str(e), model_dir) from None
     model.gradient_checkpointing = opts.grad_checkpointing
+    if opts.compile if opts.compile is not None else on_cuda:
+        compile_blocks(model)
     return model.train(), list(params), on_cuda and dtype == torch.bfloat16
+
+
+def compile_blocks(model):
+    """``torch.compile`` every decoder block in place (``nn.Module.compile``: names, parameters and the adapter
+    export are unchanged). All blocks share one compiled graph per autograd situation (the first block's
+    input needs no gradient, the others' do), so a model of any depth compiles about twice, in its first
+    steps. Inductor fuses RMSNorm, RoPE, SwiGLU, the residual adds and the LoRA scaling into a few Triton
+    kernels and replaces hundreds of kernel launches per block by a handful; the matrix products stay
+    cuBLAS's. The NF4 base layers run eagerly between the compiled pieces (``NF4Linear.forward``)."""
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    for block in model.model.layers:
+        block.compile()
 
 
 def keep_freed_memory():
@@ -131,15 +151,14 @@ def train(model_dir, data_path, out_dir, opts=None, resume=False, quiet=False):
     """Train an adapter; write it (PEFT folder), ``train_log.jsonl``, ``loss.png`` and
     ``train_summary.json`` into ``out_dir``; return the summary."""
     opts = opts or TrainOptions()
-    rank, world, local = _dist()
-    device = torch.device(opts.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+    rank, world, device = _dist(opts.device)
     if device.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(opts.seed)
     (ids, mask), evals, digest = prepare_data(model_dir, data_path, opts)
     model, params, autocast = build_model(model_dir, opts, device)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt_cls = torch.optim.AdamW if opts.optimizer == "adamw" else torch.optim.SGD
     extra = {"weight_decay": opts.weight_decay} if opts.optimizer == "adamw" else {"weight_decay": opts.weight_decay, "momentum": 0.9}
     optimizer = opt_cls(params, lr=opts.lr, **extra)

@@ -46,6 +46,7 @@ class TrainOptions:
     save_every: int = 0
     seed: int = 0
     device: str = None
+    compile: bool = None           # torch.compile each decoder block; None: on CUDA yes, on the CPU no
 
     def __post_init__(self):
         if self.alpha is None:

@@ -11,7 +11,8 @@ D. the roofline: a device-to-device copy of the bytes the kernel must move (pack
 
 Also the dequantise + matmul of one QLoRA forward at 2048 tokens (batch 4 x 512) against the plain bf16 matmul,
 which is what a QLoRA step pays per base layer on top of LoRA. Times are CUDA-event medians of ``--iters``
-repetitions after warm-up. Needs a GPU.
+timings of ``--batch`` back-to-back calls (default 20; ``--batch 1`` includes the host's launch time in every
+call, which for a 50 µs kernel is most of what is measured). Needs a GPU.
 
     python bench/nf4_cuda.py            # prints a markdown table; bench/out/nf4_cuda_results.md
 """
@@ -27,8 +28,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 SHAPES = [(4096, 4096), (11008, 4096)]
 
 
-def timed(fn, iters):
-    """Median milliseconds of ``fn()`` over ``iters`` runs, by CUDA events, after 3 warm-up runs."""
+def timed(fn, iters, batch):
+    """Median milliseconds of one ``fn()``, by CUDA events around ``batch`` back-to-back calls (so that the
+    GPU queue stays full and the host's launch time is hidden, as in a training step), over ``iters``
+    such timings after 3 warm-up calls. ``batch=1`` times single calls, launch latency included."""
     import torch
     for _ in range(3):
         fn()
@@ -37,16 +40,19 @@ def timed(fn, iters):
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(batch):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / batch)
     return statistics.median(times)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--batch", type=int, default=20, help="back-to-back calls per timing (1: single calls, "
+                   "host launch time included)")
     p.add_argument("--tokens", type=int, default=2048, help="rows of the QLoRA forward (batch x seq)")
     p.add_argument("--workdir", default=os.path.join(HERE, "out"))
     args = p.parse_args(argv)
@@ -63,7 +69,8 @@ def main(argv=None):
     lines = [f"# NF4 dequantisation on CUDA — {datetime.datetime.now().isoformat(timespec='seconds')}", "",
              f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
              f"bitsandbytes {getattr(sys.modules.get('bitsandbytes'), '__version__', 'not installed')}. "
-             f"Median of {args.iters} CUDA-event timings; output bfloat16; blocksize 64.", "",
+             f"Median of {args.iters} CUDA-event timings of {args.batch} back-to-back calls each; output bfloat16; "
+             f"blocksize 64.", "",
              "| shape | double quant | Triton ms | torch ms | bnb ms | copy roofline ms | Triton / roofline | "
              "torch / Triton | bnb / Triton | bits equal |", "|---|---|---|---|---|---|---|---|---|---|"]
     mm_lines = ["", f"Dequantise + matmul at {args.tokens} tokens (x (M, K) bf16 @ Wᵀ):", "",
@@ -77,21 +84,21 @@ def main(argv=None):
             moved = state.packed.numel() + N * K * 2 + (state.nested_codes.numel() if dq else state.absmax.numel() * 4)
             src = torch.empty(moved // 2, dtype=torch.uint8, device=dev)
             dst = torch.empty_like(src)
-            t_tri = timed(lambda: nf4_triton.dequantize(state, torch.bfloat16), args.iters)
-            t_ref = timed(lambda: nf4.dequantize(state, torch.bfloat16), args.iters)
-            t_copy = timed(lambda: dst.copy_(src), args.iters)  # reads + writes `moved` bytes in all
+            t_tri = timed(lambda: nf4_triton.dequantize(state, torch.bfloat16), args.iters, args.batch)
+            t_ref = timed(lambda: nf4.dequantize(state, torch.bfloat16), args.iters, args.batch)
+            t_copy = timed(lambda: dst.copy_(src), args.iters, args.batch)  # reads + writes `moved` bytes in all
             same = bool(torch.equal(nf4_triton.dequantize(state, torch.bfloat16).view(torch.int16),
                                     nf4.dequantize(state, torch.bfloat16).view(torch.int16)))
             t_bnb = float("nan")
             if bnbf is not None:
                 q, qs = bnbf.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=dq)
-                t_bnb = timed(lambda: bnbf.dequantize_4bit(q, qs), args.iters)
+                t_bnb = timed(lambda: bnbf.dequantize_4bit(q, qs), args.iters, args.batch)
             lines.append(f"| {N} × {K} | {'yes' if dq else 'no'} | {t_tri:.4f} | {t_ref:.4f} | {t_bnb:.4f} | "
                          f"{t_copy:.4f} | {t_copy / t_tri:.0%} | {t_ref / t_tri:.1f}× | {t_bnb / t_tri:.2f}× | {same} |")
             if dq:
-                t_mm = timed(lambda: x @ W.T, args.iters)
-                t_q = timed(lambda: x @ nf4_triton.dequantize(state, torch.bfloat16).T, args.iters)
-                t_qr = timed(lambda: x @ nf4.dequantize(state, torch.bfloat16).T, args.iters)
+                t_mm = timed(lambda: x @ W.T, args.iters, args.batch)
+                t_q = timed(lambda: x @ nf4_triton.dequantize(state, torch.bfloat16).T, args.iters, args.batch)
+                t_qr = timed(lambda: x @ nf4.dequantize(state, torch.bfloat16).T, args.iters, args.batch)
                 mm_lines.append(f"| {N} × {K} | {t_mm:.4f} | {t_q:.4f} | {t_q / t_mm - 1:+.0%} | {t_qr:.4f} |")
     text = "\n".join(lines + mm_lines)
     os.makedirs(args.workdir, exist_ok=True)

@@ -78,28 +78,29 @@ if triton is not None:
             word = w_hi | (w_lo << 16)
         tl.store(out_ptr + byte, word, mask=live)
 
-    def _launch(kernel, packed, absmax, codes, nested, offset, dyn, nf4, rows, cols, blocksize, double_quant, dtype):
+    def _launch(kernel, packed, absmax, codes, nested, offset, dyn_table, nf4_table, rows, cols, blocksize,
+                double_quant, dtype):
         n = rows * cols
         n_bytes = (n + 1) // 2
         words = torch.empty(n_bytes, dtype=_WORD[dtype], device=packed.device)  # (n_bytes,) two weights each
         kernel[(triton.cdiv(n_bytes, BLOCK),)](
-            packed, absmax, codes, nested, offset, dyn, nf4, words, n_bytes,
+            packed, absmax, codes, nested, offset, dyn_table, nf4_table, words, n_bytes,
             LOG2_HALF_BLOCK=(blocksize // 2).bit_length() - 1, DOUBLE_QUANT=double_quant, KIND=_KIND[dtype],
             BLOCK=BLOCK, num_warps=NUM_WARPS)
         return words.view(dtype)[:n].view(rows, cols)  # (rows, cols)
 
     @torch.library.triton_op("minilora::nf4_dequantize", mutates_args=())
     def nf4_dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, codes: torch.Tensor, nested: torch.Tensor,
-                          offset: torch.Tensor, dyn: torch.Tensor, nf4: torch.Tensor, rows: int, cols: int,
-                          blocksize: int, double_quant: bool, dtype: torch.dtype) -> torch.Tensor:
+                          offset: torch.Tensor, dyn_table: torch.Tensor, nf4_table: torch.Tensor, rows: int,
+                          cols: int, blocksize: int, double_quant: bool, dtype: torch.dtype) -> torch.Tensor:
         """W (rows, cols) in ``dtype`` from NF4 bytes and statistics (unused ones: any tensor on the device)."""
-        return _launch(torch.library.wrap_triton(_dequant_kernel), packed, absmax, codes, nested, offset, dyn, nf4,
-                       rows, cols, blocksize, double_quant, dtype)
+        return _launch(torch.library.wrap_triton(_dequant_kernel), packed, absmax, codes, nested, offset,
+                       dyn_table, nf4_table, rows, cols, blocksize, double_quant, dtype)
 
 
 def nf4_dequantize(*args):
-    """The op under ``torch.compile`` (traced into the graph); eagerly, the same kernel launched directly, which
-    saves the op dispatch (~70 µs of CPU per call on an H100 host, more than the kernel's own time)."""
+    """The op under ``torch.compile`` (traced into the graph); eagerly, the same kernel launched directly,
+    without the op's Python dispatch on the host."""
     if torch.compiler.is_compiling():
         return torch.ops.minilora.nf4_dequantize(*args)
     return _launch(_dequant_kernel, *args)
@@ -149,10 +150,10 @@ class NF4MatmulFunction(torch.autograd.Function):
     saved: the layer's own, no copy. ``x (..., K)`` -> ``y (..., N)``."""
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, codes, nested, offset, dyn, nf4, rows, cols, blocksize, dq):
-        ctx.save_for_backward(packed, absmax, codes, nested, offset, dyn, nf4)
+    def forward(ctx, x, packed, absmax, codes, nested, offset, dyn_table, nf4_table, rows, cols, blocksize, dq):
+        ctx.save_for_backward(packed, absmax, codes, nested, offset, dyn_table, nf4_table)
         ctx.meta = (rows, cols, blocksize, dq)
-        W = nf4_dequantize(packed, absmax, codes, nested, offset, dyn, nf4, rows, cols, blocksize, dq,
+        W = nf4_dequantize(packed, absmax, codes, nested, offset, dyn_table, nf4_table, rows, cols, blocksize, dq,
                            x.dtype)  # (N, K)
         return x @ W.T  # (..., N)
 

@@ -64,14 +64,18 @@ def test_train_reduces_loss_and_writes_a_peft_adapter(tmp_path, data_file, devic
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_blocks_train_like_eager_ones(tmp_path, data_file, device):
+@pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
+def test_compiled_blocks_train_like_eager_ones(tmp_path, data_file, device, qlora):
     """``--compile`` (torch.compile of every block; the CUDA default) computes the same losses and adapter as
     ``--no-compile`` up to the rounding of its fused kernels: float32 on the CPU, bfloat16 autocast on CUDA.
-    The tolerances are those roundings with room (a wrong graph moves the loss by O(1), not 1e-4)."""
+    With ``--qlora`` the NF4 layers run inside the compiled graph on CUDA (the Triton op) and between its
+    pieces on the CPU (the C kernels). The tolerances are those roundings with room (a wrong graph moves the
+    loss by O(1), not 1e-4)."""
     outs = {}
     for mode in ("--compile", "--no-compile"):
         r = _run(["train", "--model", MODEL, "--data", data_file, "-o", tmp_path / mode, "--max-steps", "3",
-                  "--lr", "1e-2", "--device", device, "-q", mode, *SMALL], cwd=tmp_path)
+                  "--lr", "1e-2", "--device", device, "-q", mode, *(["--qlora"] if qlora else []), *SMALL],
+                 cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         log = [json.loads(line) for line in (tmp_path / mode / "train_log.jsonl").read_text().splitlines()]
         outs[mode] = ([row["loss"] for row in log], load_file(tmp_path / mode / "adapter_model.safetensors"))

@@ -108,9 +108,14 @@ def build_model(model_dir, opts, device):
     except ValueError as e:
         raise InputError(str(e), model_dir) from None
     model.gradient_checkpointing = opts.grad_checkpointing
-    if opts.compile if opts.compile is not None else on_cuda:
+    if compile_wanted(opts, device):
         compile_blocks(model)
     return model.train(), list(params), on_cuda and dtype == torch.bfloat16
+
+
+def compile_wanted(opts, device):
+    """``--compile`` / ``--no-compile``, else the default: compiled on CUDA, eager on the CPU (no gain there)."""
+    return opts.compile if opts.compile is not None else device.type == "cuda"
 
 
 def compile_blocks(model):
@@ -172,6 +177,9 @@ def train(model_dir, data_path, out_dir, opts=None, resume=False, quiet=False):
     if resume:
         step, log = load_checkpoint(ckpt_dir, params, optimizer, opts, fingerprint)
     trainable = sum(p.numel() for p in params)
+    if rank == 0 and not quiet and compile_wanted(opts, device) and step < total:
+        print("compiling the decoder blocks (torch.compile): the first step takes longer; --no-compile skips it",
+              file=sys.stderr, flush=True)
     t0, tokens_seen = time.perf_counter(), 0
     while step < total:
         epoch, pos = divmod(step, per_epoch)

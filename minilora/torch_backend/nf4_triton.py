@@ -32,6 +32,8 @@ try:  # triton ships with CUDA builds of torch; CPU-only installs have none and 
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
+if not hasattr(torch.library, "triton_op"):  # torch < 2.6: the torch transcription serves CUDA too
+    triton = None
 
 BLOCK = 1024  # packed bytes per program
 NUM_WARPS = 8  # bench/nf4_cuda.py and a sweep on an H100: 1024 x 8 was the fastest of 512-4096 x 2-8

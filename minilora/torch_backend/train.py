@@ -124,7 +124,8 @@ def compile_blocks(model):
     input needs no gradient, the others' do), so a model of any depth compiles about twice, in its first
     steps. Inductor fuses RMSNorm, RoPE, SwiGLU, the residual adds and the LoRA scaling into a few Triton
     kernels and replaces hundreds of kernel launches per block by a handful; the matrix products stay
-    cuBLAS's. The NF4 base layers run eagerly between the compiled pieces (``NF4Linear.forward``)."""
+    cuBLAS's. NF4 base layers stay inside the graph on CUDA (their dequantiser is a ``triton_op``) and run
+    eagerly between compiled pieces on the CPU (the C kernels; ``NF4Linear.forward``)."""
     import torch._dynamo
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     for block in model.model.layers:

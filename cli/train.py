@@ -1,5 +1,7 @@
 """``minilora train`` and ``minilora generate`` (torch is imported only when they run)."""
 
+import os
+
 import click
 
 from minilora.errors import InputError
@@ -68,6 +70,8 @@ def train(model_dir, data_path, output, resume, as_json, quiet, **options):
     from minilora.torch_backend.train_state import TrainOptions
 
     summary = run(model_dir, data_path, output, TrainOptions(**options), resume=resume, quiet=quiet or as_json)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
+        return None
     if as_json:
         return print_json(summary)
     click.echo(f"trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"

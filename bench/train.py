@@ -274,7 +274,7 @@ def spawn(kind, cfg):
 
 
 def compare(label, contenders, base_cfg, repeat, folder):
-    """Run each (name, kind, qlora) contender ``repeat`` times, alternating; keep each one's best run."""
+    """Run each (name, kind, settings) contender ``repeat`` times, alternating; keep each one's best run."""
     runs = {name: [] for name, _, _ in contenders}
     for rnd in range(repeat):
         for name, kind, extra in contenders:
@@ -383,10 +383,14 @@ def cuda_section(args, workdir):
     ratios = {"speed": ml["tokens_per_s"] / pl["tokens_per_s"],
               "qlora_mem": mq["peak_bytes"] / pq["peak_bytes"],
               "qlora_time": mq["step_mean_s"] / ml["step_mean_s"],
+              "qlora_time_median": mq["step_median_s"] / ml["step_median_s"],
               "ours_qlora_mem": mq["peak_bytes"] / ml["peak_bytes"],
               "peft_qlora_time": pq["step_mean_s"] / pl["step_mean_s"],
               "peft_qlora_mem": pq["peak_bytes"] / pl["peak_bytes"],
               "qlora_speed": mq["tokens_per_s"] / pq["tokens_per_s"]}
+    if args.eager:
+        ratios["compile_lora"] = ml["tokens_per_s"] / res["minilora-lora-eager"]["tokens_per_s"]
+        ratios["compile_qlora"] = mq["tokens_per_s"] / res["minilora-qlora-eager"]["tokens_per_s"]
     return {"shape": shape, "config": cfg, "runs": res, "ratios": ratios, "profiles": profiles,
             "loss": {"lora": loss_agreement(ml, pl), "qlora": loss_agreement(mq, pq)}}
 
@@ -436,10 +440,14 @@ def markdown(meta, cpu, cuda):
             ("minilora / PEFT tokens/s (LoRA)", q["speed"], TARGETS["speed"], True),
             ("minilora QLoRA / PEFT + bnb QLoRA peak memory", q["qlora_mem"], TARGETS["qlora_mem"], False),
             ("minilora QLoRA step / minilora LoRA step", q["qlora_time"], TARGETS["qlora_time"], False),
+            ("the same by median step (robust to a few slow steps)", q["qlora_time_median"], None, False),
             ("minilora QLoRA / LoRA peak memory", q["ours_qlora_mem"], None, False),
             ("PEFT + bnb QLoRA step / PEFT LoRA step", q["peft_qlora_time"], None, False),
             ("PEFT + bnb QLoRA / PEFT LoRA peak memory", q["peft_qlora_mem"], None, False),
-            ("minilora / PEFT + bnb tokens/s (QLoRA)", q["qlora_speed"], None, True)]), ""]
+            ("minilora / PEFT + bnb tokens/s (QLoRA)", q["qlora_speed"], None, True),
+            *([("minilora compiled / eager tokens/s (LoRA)", q["compile_lora"], None, True),
+               ("minilora compiled / eager tokens/s (QLoRA)", q["compile_qlora"], None, True)]
+              if "compile_lora" in q else [])]), ""]
         lines.append(f"QLoRA cost here: minilora {100 * (q['qlora_time'] - 1):+.0f} % time, "
                      f"{100 * (q['ours_qlora_mem'] - 1):+.0f} % memory; PEFT + bitsandbytes "
                      f"{100 * (q['peft_qlora_time'] - 1):+.0f} % time, {100 * (q['peft_qlora_mem'] - 1):+.0f} % memory. "

@@ -113,7 +113,8 @@ def run_demo(out_dir=None, seed=0, steps=60, quiet=True):
 
         summary = train(paths["base"], TEXT, paths["adapter"],
                         TrainOptions(rank=16, alpha=32, lr=1e-2, max_steps=steps, batch_size=8, max_length=64,
-                                     warmup=5, seed=seed, compile=False), quiet=quiet)  # tiny: compiling costs more than it saves
+                                     warmup=5, seed=seed, compile=False),  # tiny: compiling would cost more
+                        quiet=quiet)
         report.update(loss_before=summary["first_loss"], loss_after=summary["final_loss"])
     else:
         write_lora_adapter(paths["adapter"], config, rank=16, alpha=32, seed=seed + 1)

@@ -164,7 +164,8 @@ def train(model_dir, data_path, out_dir, opts=None, resume=False, quiet=False):
     (ids, mask), evals, digest = prepare_data(model_dir, data_path, opts)
     model, params, autocast = build_model(model_dir, opts, device)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     opt_cls = torch.optim.AdamW if opts.optimizer == "adamw" else torch.optim.SGD
     extra = {"weight_decay": opts.weight_decay} if opts.optimizer == "adamw" else {"weight_decay": opts.weight_decay, "momentum": 0.9}
     optimizer = opt_cls(params, lr=opts.lr, **extra)

@@ -87,10 +87,16 @@ def train(model_dir, data_path, output, resume, as_json, quiet, **options):
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=None)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--device", default=None)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: cuda if present, else cpu].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Compute dtype [default: float32 on the CPU, the checkpoint's on CUDA].")
+@click.option("--nf4-matmul", type=click.Choice(["exact", "int16"]), default="exact", show_default=True,
+              help="NF4 layers on the CPU (float32): the exact C matmul, or the faster approximate int16 GEMV "
+                   "(error about 1e-5 of |x|·|w|; docs/nf4.md §7).")
 @click.argument("prompt")
 @json_option
-def generate(model_dir, adapter, max_new_tokens, temperature, top_k, seed, device, prompt, as_json):
+def generate(model_dir, adapter, max_new_tokens, temperature, top_k, seed, device, dtype, nf4_matmul, prompt,
+             as_json):
     """Continue PROMPT with the model (and an adapter), greedy or sampled, with a KV cache.
 
     \b
@@ -102,10 +108,16 @@ def generate(model_dir, adapter, max_new_tokens, temperature, top_k, seed, devic
 
     from minilora import data
     from minilora.torch_backend import generate as gen, load_adapter_into, load_llama
+    from minilora.torch_backend.qlora import set_nf4_matmul_mode
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # the CPU computes float32 fastest (bf16 / fp16 matmuls are emulated on most CPUs); a GPU keeps the checkpoint's
+    dtype = dtype or ("float32" if dev.type == "cpu" else None)
+    if nf4_matmul == "int16" and (dev.type != "cpu" or dtype != "float32"):
+        raise InputError("--nf4-matmul int16 runs on the CPU in float32 only (--device cpu --dtype float32)")
     tok, eos, _ = data.load_tokenizer(model_dir)
-    model = load_llama(model_dir, device=dev)
+    model = load_llama(model_dir, dtype=getattr(torch, dtype) if dtype else None, device=dev)
+    set_nf4_matmul_mode(model, nf4_matmul)
     if adapter:
         load_adapter_into(model, adapter)
     model.eval()

@@ -438,6 +438,33 @@ def test_nf4_linear_small_batches_use_the_c_matmul_within_the_bound(double_quant
     assert calls == [(1, K), (3, K), (qlora.NATIVE_MATMUL_ROWS, K)]  # the C kernel ran exactly for the small ones
 
 
+def test_nf4_linear_int16_mode_only_in_inference():
+    """``matmul_mode = "int16"`` (``minilora generate --nf4-matmul int16``): without gradient recording the C
+    int16 GEMV serves small batches, within ``int16_matmul_error_bound`` of the float64 product and not equal
+    to the exact mode; with gradients recorded (training) the layer stays exact, bit for bit."""
+    from minilora import native, nf4 as ref_nf4_mod
+    from minilora.torch_backend.qlora import set_nf4_matmul_mode
+    N, K = 48, 256
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(NF4Linear.from_linear(torch.nn.Linear(K, N, bias=False), blocksize=64))
+    layer = model[0]
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        exact = layer(x)
+    assert set_nf4_matmul_mode(model, "int16") == 1 and layer.matmul_mode == "int16"
+    with torch.no_grad():
+        approx = layer(x)
+    packed, absmax = layer._native_state()
+    bound = ref_nf4_mod.int16_matmul_error_bound(x.numpy(), packed, absmax, N, K, 64)  # (M, N)
+    truth = x.double().numpy() @ layer.dequantize().double().numpy().T
+    assert np.all(np.abs(approx.double().numpy() - truth) <= bound) and not torch.equal(approx, exact)
+    xg = x.clone().requires_grad_(True)
+    assert torch.equal(layer(xg).detach(), exact)  # training: exact mode
+    with pytest.raises(ValueError, match="int16"):
+        set_nf4_matmul_mode(model, "int8")
+    assert native.MATMUL_MODES == ("exact", "int16")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_qlora_bf16_base_dequantises_bit_exactly_and_survives_dtype_casts(device):
     W = np.random.default_rng(3).standard_normal((24, 40)).astype(ml_dtypes.bfloat16)  # (N, K)

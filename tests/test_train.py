@@ -176,6 +176,23 @@ def test_qlora_trains_and_generate_runs(tmp_path, data_file, device):
     assert result["prompt"] == "the quick" and len(result["ids"]) >= 5
 
 
+def test_generate_on_an_nf4_checkpoint_exact_and_int16(tmp_path):
+    """``minilora generate`` on a ``minilora quantize``d folder (CPU, float32): the exact C matmul by default,
+    ``--nf4-matmul int16`` for the approximate GEMV (both decode; on this tiny model they pick the same greedy
+    tokens or not, so only the shape is checked); int16 outside CPU float32 is refused in one line."""
+    nf4_dir = tmp_path / "nf4"
+    q = CliRunner().invoke(cli, ["quantize", MODEL, "-o", str(nf4_dir), "--blocksize", "32"])
+    assert q.exit_code == 0, q.output
+    for mode in ("exact", "int16"):
+        g = CliRunner().invoke(cli, ["generate", "--model", str(nf4_dir), "--device", "cpu", "--nf4-matmul", mode,
+                                     "--max-new-tokens", "4", "--json", "the quick"])
+        assert g.exit_code == 0, g.output
+        assert len(json.loads(g.stdout)["ids"]) >= 4
+    bad = CliRunner().invoke(cli, ["generate", "--model", str(nf4_dir), "--device", "cpu", "--dtype", "bfloat16",
+                                   "--nf4-matmul", "int16", "the quick"])
+    assert bad.exit_code == 2 and "float32" in bad.stderr and bad.stderr.count("\n") == 1
+
+
 def test_qlora_on_a_model_without_linear_layers(tmp_path, data_file):
     model = tmp_path / "empty"
     shutil.copytree(MODEL, model)

@@ -39,20 +39,22 @@ def _float(bits):
 
 
 class _DequantLinear(torch.autograd.Function):
-    """``y = x Wᵀ`` with ``W = layer.dequantize(x.dtype)``, re-dequantised in backward rather than saved."""
+    """``y = x Wᵀ`` with ``W = layer.dequantize(x.dtype)``, re-dequantised in backward rather than saved.
+    ``mode`` is the C matmul's (``"exact"`` or ``"int16"``), chosen by the caller: inside ``forward`` autograd
+    has switched gradient recording off, so the layer could not tell training from inference here."""
 
     @staticmethod
-    def forward(ctx, x, layer):
+    def forward(ctx, x, layer, mode):
         ctx.layer = layer
         if layer.native_matmul_ok(x):
-            return layer.native_matmul(x)  # (..., N)
+            return layer.native_matmul(x, mode)  # (..., N)
         return F.linear(x, layer.dequantize(x.dtype))  # (..., N)
 
     @staticmethod
     def backward(ctx, grad_y):
         if not ctx.needs_input_grad[0]:
-            return None, None
-        return grad_y @ ctx.layer.dequantize(grad_y.dtype), None  # (..., K)
+            return None, None, None
+        return grad_y @ ctx.layer.dequantize(grad_y.dtype), None, None  # (..., K)
 
 
 class NF4Linear(nn.Module):
@@ -82,6 +84,7 @@ class NF4Linear(nn.Module):
         self.register_buffer("nf4_bits", _bits(nf4._table("NF4", state.packed.device)), persistent=False)  # (16,)
         self.register_buffer("dyn_bits", _bits(nf4._table("DYN", state.packed.device)), persistent=False)  # (256,)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.matmul_mode = "exact"  # or "int16" (CPU inference only): see native_matmul, set_nf4_matmul_mode
 
     @classmethod
     def from_linear(cls, linear, blocksize=DEFAULT_BLOCKSIZE, double_quant=False, compute_dtype=None):
@@ -126,12 +129,14 @@ class NF4Linear(nn.Module):
         return (x.device.type == "cpu" and self.packed.device.type == "cpu" and x.dtype == torch.float32
                 and x.numel() <= NATIVE_MATMUL_ROWS * self.in_features and self.in_features % self.blocksize == 0)
 
-    def native_matmul(self, x):
-        """``x (..., K) @ dequant(W)ᵀ`` by ``native.matmul_nf4`` (exact mode) on the packed bytes: float32,
-        within γ_K·(|x|·|W|ᵀ) of the exact product, as ``F.linear`` on the dequantised weight is."""
+    def native_matmul(self, x, mode="exact"):
+        """``x (..., K) @ dequant(W)ᵀ`` by ``native.matmul_nf4`` on the packed bytes: float32. Exact mode
+        (within γ_K·(|x|·|W|ᵀ) of the exact product, as ``F.linear`` on the dequantised weight is), or
+        ``mode="int16"``: the approximate int16 GEMV, within ``minilora.nf4.int16_matmul_error_bound``."""
         packed, absmax = self._native_state()
         x2 = x.detach().reshape(-1, self.in_features).contiguous()  # (M, K)
-        y = native.matmul_nf4(x2.numpy(), packed, absmax, self.out_features, self.in_features, self.blocksize)
+        y = native.matmul_nf4(x2.numpy(), packed, absmax, self.out_features, self.in_features, self.blocksize,
+                              mode=mode)
         return torch.from_numpy(y).view(*x.shape[:-1], self.out_features)  # (..., N)
 
     def forward(self, x):
@@ -144,7 +149,10 @@ class NF4Linear(nn.Module):
 
     @torch.compiler.disable  # the C kernels (CPU) and the torch transcription run eagerly
     def _eager_matmul(self, x):
-        return _DequantLinear.apply(x, self)  # (..., N)
+        # int16 only for inference (``minilora generate --nf4-matmul int16``): training always runs exact, since
+        # its backward multiplies by the exact dequantised weight
+        mode = "exact" if torch.is_grad_enabled() else self.matmul_mode
+        return _DequantLinear.apply(x, self, mode)  # (..., N)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize="
@@ -171,6 +179,18 @@ class QLoraLinear(LoraLinear):
     def base_weight(self):
         """``dequant(W) (N, K)`` in the compute dtype (a fresh tensor each call, never cached)."""
         return self.base.dequantize()
+
+
+def set_nf4_matmul_mode(model, mode):
+    """Set ``matmul_mode`` (``"exact"`` or ``"int16"``) on every ``NF4Linear`` of ``model``; returns how many.
+    The mode matters only where the C matmul serves a layer: CPU, float32, at most ``NATIVE_MATMUL_ROWS`` rows,
+    no gradient recorded (token-by-token decoding)."""
+    if mode not in native.MATMUL_MODES:
+        raise ValueError(f"NF4 matmul mode must be one of {', '.join(native.MATMUL_MODES)}, got {mode!r}")
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    for m in layers:
+        m.matmul_mode = mode
+    return len(layers)
 
 
 def nf4_nbytes(layer):

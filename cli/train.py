@@ -9,6 +9,14 @@ from minilora.errors import InputError
 from .common import json_option, print_json, quiet_option
 
 
+def _has_nf4_weights(model_dir):
+    """The folder holds bitsandbytes-layout NF4 weights (read from the safetensors headers only)."""
+    from minilora.checkpoint import Checkpoint
+    from minilora.nf4_checkpoint import quantized_weights
+    with Checkpoint(model_dir) as ckpt:
+        return bool(quantized_weights(ckpt.keys()))
+
+
 def _torch_backend():
     """Import the torch backend, or fail with one line (exit 2) saying how to install torch."""
     try:
@@ -89,7 +97,7 @@ def train(model_dir, data_path, output, resume, as_json, quiet, **options):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: cuda if present, else cpu].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Compute dtype [default: float32 on the CPU, the checkpoint's on CUDA].")
+              help="Compute dtype [default: the checkpoint's; float32 for an NF4 folder on the CPU].")
 @click.option("--nf4-matmul", type=click.Choice(["exact", "int16"]), default="exact", show_default=True,
               help="NF4 layers on the CPU (float32): the exact C matmul, or the faster approximate int16 GEMV "
                    "(error about 1e-5 of |x|·|w|; docs/nf4.md §7).")
@@ -111,12 +119,12 @@ def generate(model_dir, adapter, max_new_tokens, temperature, top_k, seed, devic
     from minilora.torch_backend.qlora import set_nf4_matmul_mode
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # the CPU computes float32 fastest (bf16 / fp16 matmuls are emulated on most CPUs); a GPU keeps the checkpoint's
-    dtype = dtype or ("float32" if dev.type == "cpu" else None)
-    if nf4_matmul == "int16" and (dev.type != "cpu" or dtype != "float32"):
-        raise InputError("--nf4-matmul int16 runs on the CPU in float32 only (--device cpu --dtype float32)")
+    if dtype is None and dev.type == "cpu" and _has_nf4_weights(model_dir):
+        dtype = "float32"  # the C kernels serve NF4 layers in float32; the other tensors of an NF4 folder are small
     tok, eos, _ = data.load_tokenizer(model_dir)
     model = load_llama(model_dir, dtype=getattr(torch, dtype) if dtype else None, device=dev)
+    if nf4_matmul == "int16" and (dev.type != "cpu" or model.model.embed_tokens.weight.dtype != torch.float32):
+        raise InputError("--nf4-matmul int16 runs on the CPU in float32 only (--device cpu --dtype float32)")
     set_nf4_matmul_mode(model, nf4_matmul)
     if adapter:
         load_adapter_into(model, adapter)

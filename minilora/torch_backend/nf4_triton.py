@@ -23,6 +23,7 @@ block stays one graph, launched by Inductor's own launcher), and eager code call
 Not here: a fused dequantise-matmul (the dequantised weight goes to cuBLAS), FP4, quantisation (torch).
 ``MINILORA_NO_TRITON=1`` (read at import) sends NF4 layers back to the torch transcription.
 """
+import math
 import os
 
 import torch
@@ -131,9 +132,7 @@ def dequantize(state, dtype):
     if dtype not in _WORD:
         raise TypeError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
     shape = tuple(int(d) for d in state.shape)
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     if state.packed.numel() != (n + 1) // 2:
         raise ValueError(f"packed must be {(n + 1) // 2} uint8 bytes for shape {shape}, got {state.packed.numel()}")
     device, dq = state.packed.device, state.nested_codes is not None

@@ -48,6 +48,22 @@ def timed(fn, iters, batch):
     return statistics.median(times)
 
 
+def kernel_ms(fn, calls=20):
+    """Milliseconds of GPU kernel time per ``fn()`` (torch.profiler, CUDA activity only): what the call costs
+    the device, without the host's launch time, which back-to-back timings still see when it is the longer."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+                   for e in prof.key_averages())
+    return total_us / calls / 1000
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=50)
@@ -71,8 +87,11 @@ def main(argv=None):
              f"bitsandbytes {getattr(sys.modules.get('bitsandbytes'), '__version__', 'not installed')}. "
              f"Median of {args.iters} CUDA-event timings of {args.batch} back-to-back calls each; output bfloat16; "
              f"blocksize 64.", "",
+             "Kernel µs: GPU time per call from torch.profiler (no host time). The Triton kernel is launched with "
+             "prepared arguments (`nf4_triton.state_args`), as `NF4Linear` does.", "",
              "| shape | double quant | Triton ms | torch ms | bnb ms | copy roofline ms | Triton / roofline | "
-             "torch / Triton | bnb / Triton | bits equal |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "torch / Triton | bnb / Triton | Triton kernel µs | bnb kernel µs | bits equal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     mm_lines = ["", f"Dequantise + matmul at {args.tokens} tokens (x (M, K) bf16 @ Wᵀ):", "",
                 "| shape | bf16 matmul ms | Triton dequant + matmul ms | overhead | torch dequant + matmul ms |",
                 "|---|---|---|---|---|"]
@@ -84,20 +103,27 @@ def main(argv=None):
             moved = state.packed.numel() + N * K * 2 + (state.nested_codes.numel() if dq else state.absmax.numel() * 4)
             src = torch.empty(moved // 2, dtype=torch.uint8, device=dev)
             dst = torch.empty_like(src)
-            t_tri = timed(lambda: nf4_triton.dequantize(state, torch.bfloat16), args.iters, args.batch)
+            targs = nf4_triton.state_args(state)  # once, as a layer's buffers
+
+            def tri():
+                return nf4_triton.nf4_dequantize(*targs, torch.bfloat16)
+            t_tri = timed(tri, args.iters, args.batch)
+            k_tri = kernel_ms(tri)
             t_ref = timed(lambda: nf4.dequantize(state, torch.bfloat16), args.iters, args.batch)
             t_copy = timed(lambda: dst.copy_(src), args.iters, args.batch)  # reads + writes `moved` bytes in all
             same = bool(torch.equal(nf4_triton.dequantize(state, torch.bfloat16).view(torch.int16),
                                     nf4.dequantize(state, torch.bfloat16).view(torch.int16)))
-            t_bnb = float("nan")
+            t_bnb = k_bnb = float("nan")
             if bnbf is not None:
                 q, qs = bnbf.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=dq)
                 t_bnb = timed(lambda: bnbf.dequantize_4bit(q, qs), args.iters, args.batch)
+                k_bnb = kernel_ms(lambda: bnbf.dequantize_4bit(q, qs))
             lines.append(f"| {N} × {K} | {'yes' if dq else 'no'} | {t_tri:.4f} | {t_ref:.4f} | {t_bnb:.4f} | "
-                         f"{t_copy:.4f} | {t_copy / t_tri:.0%} | {t_ref / t_tri:.1f}× | {t_bnb / t_tri:.2f}× | {same} |")
+                         f"{t_copy:.4f} | {t_copy / t_tri:.0%} | {t_ref / t_tri:.1f}× | {t_bnb / t_tri:.2f}× | "
+                         f"{k_tri * 1000:.1f} | {k_bnb * 1000:.1f} | {same} |")
             if dq:
                 t_mm = timed(lambda: x @ W.T, args.iters, args.batch)
-                t_q = timed(lambda: x @ nf4_triton.dequantize(state, torch.bfloat16).T, args.iters, args.batch)
+                t_q = timed(lambda: x @ tri().view(N, K).T, args.iters, args.batch)
                 t_qr = timed(lambda: x @ nf4.dequantize(state, torch.bfloat16).T, args.iters, args.batch)
                 mm_lines.append(f"| {N} × {K} | {t_mm:.4f} | {t_q:.4f} | {t_q / t_mm - 1:+.0%} | {t_qr:.4f} |")
     text = "\n".join(lines + mm_lines)

@@ -10,8 +10,8 @@ where ``a2`` is the max |absmax - offset| over the nested block and ``LUT`` maps
 spaced points of [-1, 1] to the number of dynamic-map midpoints below it. Dequantising is
 ``float32(float32(DYN[code] * a2) + offset)``.
 
-Not here: bitsandbytes' CUDA nested quantiser (exact nearest code, ties to even; it differs on 0.18 % of
-the nested codes of a random weight, docs/nf4.md), general 8-bit blockwise quantisation of arbitrary tensors, and torch.mean's
+Not here: bitsandbytes' CUDA nested quantiser (a binary search with float32 midpoints; it differs on 0.18 %
+of the nested codes of a random weight, docs/nf4.md §5, tests/test_nf4_cuda_vectors.py), general 8-bit blockwise quantisation of arbitrary tensors, and torch.mean's
 thread-dependent offset (pass bitsandbytes' stored offset explicitly to reproduce its bytes).
 """
 from fractions import Fraction

@@ -126,11 +126,11 @@ def dequantize_layer(layer, dtype):
     return nf4_dequantize(*layer_args(layer), dtype)
 
 
-def dequantize(state, dtype):
-    """``minilora.torch_backend.nf4.dequantize(state, dtype)`` for a state on a CUDA device, in one kernel."""
+def state_args(state):
+    """The ``nf4_dequantize`` arguments (all but dtype) of a ``minilora.torch_backend.nf4`` state on a CUDA
+    device, W as one row of ``prod(shape)`` weights. Built once, they launch the kernel without a host sync
+    (the offset becomes a device tensor here)."""
     from minilora.torch_backend import nf4  # the tables, shared with the reference transcription
-    if dtype not in _WORD:
-        raise TypeError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
     shape = tuple(int(d) for d in state.shape)
     n = math.prod(shape)
     if state.packed.numel() != (n + 1) // 2:
@@ -138,11 +138,16 @@ def dequantize(state, dtype):
     device, dq = state.packed.device, state.nested_codes is not None
     any_ = state.packed
     offset = torch.tensor([float(state.offset) if dq else 0.0], dtype=torch.float32, device=device)
-    w = nf4_dequantize(
-        state.packed, any_ if dq else state.absmax, state.nested_codes if dq else any_,
-        state.nested_absmax if dq else any_, offset, nf4._table("DYN", device), nf4._table("NF4", device),
-        1, n, state.blocksize, dq, dtype)
-    return w.view(shape)
+    return (state.packed, any_ if dq else state.absmax, state.nested_codes if dq else any_,
+            state.nested_absmax if dq else any_, offset, nf4._table("DYN", device), nf4._table("NF4", device),
+            1, n, state.blocksize, dq)
+
+
+def dequantize(state, dtype):
+    """``minilora.torch_backend.nf4.dequantize(state, dtype)`` for a state on a CUDA device, in one kernel."""
+    if dtype not in _WORD:
+        raise TypeError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+    return nf4_dequantize(*state_args(state), dtype).view(tuple(int(d) for d in state.shape))
 
 
 class NF4MatmulFunction(torch.autograd.Function):

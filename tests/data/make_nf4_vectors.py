@@ -190,7 +190,8 @@ def measure():
         ao_codes = ref.unpack_nibbles(ao.quantized_data.numpy(), t.numel())
         d = int((bnb_codes != ao_codes).sum())
         print(f"torchao to_nf4 vs bitsandbytes codes, {dt} input: {d} of {t.numel()} ({100 * d / t.numel():.3f} %)")
-    # nested codes: the CPU LUT vs exact nearest code (bnb's CUDA rule, ties to the even index)
+    # nested codes: the CPU LUT vs the exact nearest code (an estimate of bnb's CUDA rule, a binary search with
+    # float32 midpoints; make_nf4_cuda_vectors.py measures the real one on a GPU: also 479 on this input)
     _, absmax = ref._normalise(w.numpy().reshape(-1), 64)
     codes, nested, off = ref.double_quantize(absmax)
     c = (absmax - off).reshape(-1, 256)

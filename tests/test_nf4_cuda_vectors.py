@@ -6,8 +6,9 @@ device (docs/nf4.md §5); these tests pin down *how* the GPU differs, with a Num
 rule, so that the counts in docs/nf4.md are explained element by element:
 
 - absmax: the maximum of |x| that skips NaN (``fmaxf``), with subnormal inputs flushed to zero;
-- the normalised value ``x · (1/absmax)`` (flush-to-zero); bitsandbytes builds its kernels with fast math,
-  so a reciprocal may be one ulp off the IEEE one: a code may then differ where v is within one ulp of a bound;
+- the normalised value ``x · (1/absmax)`` (flush-to-zero); bitsandbytes builds its CUDA kernels with
+  ``--use_fast_math``, so a reciprocal may be one ulp off the IEEE one: a code may then differ where v is
+  within one ulp of a bound;
 - NF4 codes: the decision tree of decimal literals (``NF4_MID_CUDA``), NaN -> code 0;
 - FP4 codes: the sign bit from ``x < 0`` and a tree on |x| (so -0.0 of a small negative value is code 8);
 - nested (8-bit dynamic) codes: a 7-step binary search with float32 midpoints, not the CPU's LUT;

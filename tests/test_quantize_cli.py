@@ -1,6 +1,8 @@
 """``minilora quantize`` / ``dequantize`` against checkpoints written by transformers + bitsandbytes
 (tests/data/bnb, made by tests/data/make_bnb_checkpoints.py): same packed codes, same absmax and
-nested statistics, bit-exact dequantisation; and the bad inputs of the on-disk format."""
+nested statistics, bit-exact dequantisation; and the bad inputs of the on-disk format. tests/data/bnb_cuda
+holds the same model quantised by bitsandbytes' CUDA kernels on an H100, with their dequantisation
+(tests/data/make_bnb_cuda_checkpoints.py)."""
 import json
 import os
 import shutil
@@ -17,6 +19,7 @@ from minilora.nf4_checkpoint import read_state
 from minilora.safetensors_io import load_file, save_file
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "bnb")
+DATA_CUDA = os.path.join(os.path.dirname(__file__), "data", "bnb_cuda")
 BASE = os.path.join(DATA, "tiny-llama-bf16")
 
 
@@ -60,12 +63,13 @@ def test_quantize_matches_bitsandbytes(tmp_path, name, dq):
     assert config["bnb_4bit_use_double_quant"] is dq and config["bnb_4bit_quant_type"] == "nf4"
 
 
-@pytest.mark.parametrize("name", ["bnb-nf4", "bnb-nf4-dq"])
-def test_dequantize_is_bit_exact_with_bitsandbytes(tmp_path, name):
-    code, _, err = run("dequantize", os.path.join(DATA, name), "-o", tmp_path / "dq")
+@pytest.mark.parametrize("data, name", [(DATA, "bnb-nf4"), (DATA, "bnb-nf4-dq"), (DATA_CUDA, "bnb-cuda-nf4-dq")])
+def test_dequantize_is_bit_exact_with_bitsandbytes(tmp_path, data, name):
+    """bitsandbytes' own dequantize_4bit: on the CPU, and on the GPU for a checkpoint its CUDA kernels wrote."""
+    code, _, err = run("dequantize", os.path.join(data, name), "-o", tmp_path / "dq")
     assert code == 0, err
     ours = load_file(tmp_path / "dq" / "model.safetensors")
-    expected = load_file(os.path.join(DATA, f"{name}-dequantized.safetensors"))
+    expected = load_file(os.path.join(data, f"{name}-dequantized.safetensors"))
     for key, ref in expected.items():
         assert ours[key].dtype == ref.dtype and ours[key].shape == ref.shape
         assert bits(ours[key]).tobytes() == bits(ref).tobytes(), key

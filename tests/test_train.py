@@ -63,31 +63,39 @@ def test_train_reduces_loss_and_writes_a_peft_adapter(tmp_path, data_file, devic
     assert merged.exit_code == 0, merged.stderr
 
 
-@pytest.mark.parametrize("device", DEVICES)
+COMPILE_CASES = ["cpu", pytest.param("cuda", marks=DEVICES[1].marks),
+                 pytest.param("cuda-float32", marks=DEVICES[1].marks)]
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES)
 @pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
-def test_compiled_blocks_train_like_eager_ones(tmp_path, data_file, device, qlora):
+def test_compiled_blocks_train_like_eager_ones(tmp_path, data_file, case, qlora):
     """``--compile`` (torch.compile of every block; the CUDA default) computes the same losses and adapter as
-    ``--no-compile`` up to the rounding of its fused kernels: float32 on the CPU, bfloat16 autocast on CUDA.
-    With ``--qlora`` the NF4 layers run inside the compiled graph on CUDA (the Triton op) and between its
-    pieces on the CPU (the C kernels). The tolerances are those roundings with room (a wrong graph moves the
-    loss by O(1), not 1e-4)."""
+    ``--no-compile`` up to the rounding of its fused kernels: float32 on the CPU and in ``cuda-float32``,
+    bfloat16 autocast on CUDA by default. With ``--qlora`` the NF4 layers run inside the compiled graph on CUDA
+    (the Triton op) and between its pieces on the CPU (the C kernels). The tolerances are those roundings with
+    room (a wrong graph moves the loss by O(1e-2) in 3 steps, and leaves the adapter where it started: on torch
+    2.11 the traced hand-written Functions did exactly that in float32, see ``fused_functions_allowed``)."""
+    device = case.split("-")[0]
+    dtype = ["--dtype", "float32"] if case.endswith("float32") else []
     outs = {}
     for mode in ("--compile", "--no-compile"):
         r = _run(["train", "--model", MODEL, "--data", data_file, "-o", tmp_path / mode, "--max-steps", "3",
-                  "--lr", "1e-2", "--device", device, "-q", mode, *(["--qlora"] if qlora else []), *SMALL],
+                  "--lr", "1e-2", "--device", device, "-q", mode, *dtype, *(["--qlora"] if qlora else []), *SMALL],
                  cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         log = [json.loads(line) for line in (tmp_path / mode / "train_log.jsonl").read_text().splitlines()]
         outs[mode] = ([row["loss"] for row in log], load_file(tmp_path / mode / "adapter_model.safetensors"))
     (la, a), (lb, b) = outs["--compile"], outs["--no-compile"]
-    rtol = 1e-5 if device == "cpu" else 3e-2
+    rtol = 3e-2 if case == "cuda" else 1e-4
     np.testing.assert_allclose(la, lb, rtol=rtol)
     assert a.keys() == b.keys()
     # AdamW's first steps move each entry by ~lr·sign(g), so a rounding difference in a near-zero gradient
     # can flip single entries: compare whole matrices (relative Frobenius distance), not entries.
     for key in a:
         x, y = a[key].astype(np.float64), b[key].astype(np.float64)
-        assert np.linalg.norm(x - y) <= (1e-3 if device == "cpu" else 0.3) * np.linalg.norm(y), key
+        assert np.linalg.norm(y) > 0, key  # B starts at zero: both runs must have moved it
+        assert np.linalg.norm(x - y) <= (0.3 if case == "cuda" else 1e-3) * np.linalg.norm(y), key
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from minilora.checkpoint import Checkpoint
 from minilora.errors import InputError
 from minilora.nf4_checkpoint import is_aux_key, quantized_weights, read_state
-from minilora.torch_backend.lora import grouped_forward
+from minilora.torch_backend.lora import fused_functions_allowed, grouped_forward
 from minilora.torch_backend.loss import linear_cross_entropy
 from minilora.torch_backend.nf4 import QuantState, numpy_to_torch
 from minilora.torch_backend.qlora import NF4Linear
@@ -129,7 +129,7 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
     def _fused_ok(self, x):
-        return x.dtype == torch.float32 and self.weight.dtype == torch.float32
+        return fused_functions_allowed() and x.dtype == torch.float32 and self.weight.dtype == torch.float32
 
 
 class RMSNormFunction(torch.autograd.Function):

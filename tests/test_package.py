@@ -35,9 +35,15 @@ def test_cli_version_and_module_entry(tmp_path):
 
 
 def test_no_toplevel_cli_module_installed():
-    import importlib.util
+    """The install must not put a generic ``cli`` package on the path. The checkout's own ``cli/`` folder is
+    left out of the search: ``python -m pytest`` or ``PYTHONPATH=.`` put the repository root on sys.path."""
+    import importlib.machinery
+    import os
+    import sys
 
-    spec = importlib.util.find_spec("cli")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != repo]
+    spec = importlib.machinery.PathFinder.find_spec("cli", path)
     assert spec is None, f"a generic top-level 'cli' module is importable from {spec.origin}"
 
 

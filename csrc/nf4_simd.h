@@ -148,6 +148,9 @@ static inline NF4_AVX2 void store8(void *out, int dtype, int64_t j, __m256 w)
         __m256i bits = _mm256_castps_si256(w);                    /* (bits + 0x7FFF + bit16) >> 16 */
         __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
         __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd), 16);
+        __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));   /* NaN lanes */
+        r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(quiet),
+                                                 _mm256_cmp_ps(w, w, _CMP_UNORD_Q)));
         __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
         _mm_storeu_si128((__m128i *)((uint16_t *)out + j), h);
     } else {

@@ -121,6 +121,22 @@ def test_dequantize_equals_reference(variant, n, blocksize, seed, specials):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_dequantize_bf16_keeps_every_nan(variant):
+    """A NaN absmax with a large payload (bitsandbytes stores 0xffffffff for a partial NaN block) stays NaN in
+    bfloat16: bitsandbytes' rounding formula would wrap 0xffff8000.. to +0.0 and 0x7fff8000.. to -0.0. Found by
+    hypothesis on the GPU machine (its seed drew a payload >= 0x8000); both C variants rounded such NaNs."""
+    payloads = [0xFFFFFFFF, 0xFFFF8000, 0x7FFFFFFF, 0x7FFF8000, 0x7FDB8000, 0xFFC00001, 0x7FC00000, 0x7F800001]
+    absmax = np.array(payloads + [0x3F800000] * 4, dtype=np.uint32).view(np.float32)  # then 4 blocks of 1.0
+    rng = np.random.default_rng(11)
+    n = 64 * absmax.size
+    packed = rng.integers(0, 256, (n // 2, 1), dtype=np.uint8)
+    ref = nf4.dequantize_nf4(packed, absmax, (n,), ml_dtypes.bfloat16, 64)
+    out = native.dequantize_nf4(packed, absmax, (n,), ml_dtypes.bfloat16, 64, variant=variant)
+    assert np.isnan(out[: 64 * len(payloads)].astype(np.float32)).all()
+    np.testing.assert_array_equal(bits(out), bits(ref))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_dequantize_half_outputs_cover_subnormals_overflow_and_ties(variant):
     n = 64 * 400
     rng = np.random.default_rng(6)

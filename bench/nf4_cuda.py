@@ -12,7 +12,9 @@ D. the roofline: a device-to-device copy of the bytes the kernel must move (pack
 Also the dequantise + matmul of one QLoRA forward at 2048 tokens (batch 4 x 512) against the plain bf16 matmul,
 which is what a QLoRA step pays per base layer on top of LoRA. Times are CUDA-event medians of ``--iters``
 timings of ``--batch`` back-to-back calls (default 20; ``--batch 1`` includes the host's launch time in every
-call, which for a 50 µs kernel is most of what is measured). Needs a GPU.
+call), and, for the two dequantisers, the GPU kernel time per call from ``torch.profiler``: for a 20 µs kernel
+the host's Python and launch time can exceed the kernel even back to back, and only the kernel time says what
+the GPU spends. Needs a GPU.
 
     python bench/nf4_cuda.py            # prints a markdown table; bench/out/nf4_cuda_results.md
 """

@@ -11,8 +11,9 @@ spaced points of [-1, 1] to the number of dynamic-map midpoints below it. Dequan
 ``float32(float32(DYN[code] * a2) + offset)``.
 
 Not here: bitsandbytes' CUDA nested quantiser (a binary search with float32 midpoints; it differs on 0.18 %
-of the nested codes of a random weight, docs/nf4.md §5, tests/test_nf4_cuda_vectors.py), general 8-bit blockwise quantisation of arbitrary tensors, and torch.mean's
-thread-dependent offset (pass bitsandbytes' stored offset explicitly to reproduce its bytes).
+of the nested codes of a random weight, docs/nf4.md §5, tests/test_nf4_cuda_vectors.py), general 8-bit
+blockwise quantisation of arbitrary tensors, and torch.mean's thread-dependent offset (pass bitsandbytes'
+stored offset explicitly to reproduce its bytes).
 """
 from fractions import Fraction
 from functools import lru_cache

@@ -288,9 +288,9 @@ class LoraLinear(nn.Module):
         """``LoraLinearFunction`` applies: plain LoRA on a frozen ``nn.Linear``, all in A's dtype, no autocast,
         not inside ``torch.compile`` (see ``fused_functions_allowed``)."""
         base = self.base
-        return (fused_functions_allowed() and self.lora_magnitude is None and type(base) is nn.Linear and x.dim() >= 1
-                and x.dtype == base.weight.dtype == self.lora_A.dtype and not base.weight.requires_grad
-                and (base.bias is None or not base.bias.requires_grad)
+        return (fused_functions_allowed() and self.lora_magnitude is None and type(base) is nn.Linear
+                and x.dim() >= 1 and x.dtype == base.weight.dtype == self.lora_A.dtype
+                and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
                 and not torch.is_autocast_enabled(x.device.type))
 
     def delta_weight(self):

@@ -166,7 +166,8 @@ def main():
     meta = dict(
         generator="tests/data/make_nf4_cuda_vectors.py", inputs="tests/data/nf4/vectors.npz",
         bitsandbytes=bitsandbytes.__version__, torch=torch.__version__, cuda=torch.version.cuda,
-        gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, numpy=np.__version__, python=platform.python_version(),
+        gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, numpy=np.__version__,
+        python=platform.python_version(),
         date=datetime.date.today().isoformat(),
         cpu_quantiser_reproduced=f"{sum(c['cpu_quantiser_reproduced'] for c in checks)} of {len(checks)}",
         cpu_quantiser_not_reproduced=[c["name"] for c in checks if not c["cpu_quantiser_reproduced"]],

@@ -18,6 +18,7 @@ u = 2**-24; with ``mode="int16"`` (opt-in, approximate) within ``nf4.int16_matmu
 Not here: FP4 (NumPy only) and ``matmul_nf4`` with ``K % blocksize != 0`` (ValueError; use the reference).
 """
 import os
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -80,6 +81,25 @@ def _check(status, name):
 
 def _ptr(ctype, array):
     return ffi.from_buffer(f"{ctype}[]", array) if array.size else ffi.NULL
+
+
+_SCRATCH = threading.local()
+SCRATCH_CACHE_BYTES = 64 << 20  # workspaces up to this size are kept per thread between calls
+
+
+def _scratch(nbytes):
+    """uint8 (nbytes,): the matmul kernels' workspace (x packed into panels, dequantised strips).
+
+    Kept per thread and reused, up to ``SCRATCH_CACHE_BYTES``: a fresh multi-MB buffer is page-faulted in
+    on first touch on every call, which on this project's VM took 10-45 ms of a 240 ms M = 512 GEMM
+    (4096 x 4096, 8.2 MiB of workspace). Per thread, because two threads may call the same ``PackedNF4``;
+    a kernel only uses it during its call. Larger workspaces are allocated per call and freed after it."""
+    if nbytes > SCRATCH_CACHE_BYTES:
+        return np.empty(nbytes, dtype=np.uint8)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = _SCRATCH.buf = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes]
 
 
 # ---------------------------------------------------------------- validation (messages as minilora.nf4)
@@ -216,7 +236,8 @@ class PackedNF4:
 
     A decode loop calls the GEMV once per token with the same weights; the checks of the state, the
     kernel choice and the pointers to W are done here once, so a call of ``matmul`` only checks x. The
-    arrays are referenced, not copied: do not modify them while this object is in use.
+    arrays are referenced, not copied: do not modify them while this object is in use. Each calling thread
+    reuses its own workspace between calls (``_scratch``).
 
     >>> # w = PackedNF4(packed, absmax, N, K); y = w.matmul(x)   # x (M, K) -> y (M, N) float32
     """
@@ -248,7 +269,7 @@ class PackedNF4:
             return y
         rows = 1 if mode == "int16" else M  # the int16 mode is a GEMV: one call per row of x
         nbytes = max(lib.minilora_matmul_nf4_scratch_bytes(rows, self.N, self.K, self._threads), 0)
-        scratch = np.empty(nbytes, dtype=np.uint8)  # per call: two threads may share this object
+        scratch = _scratch(nbytes)  # this thread's workspace: two threads may share this object
         if mode == "int16":
             for m in range(M):
                 status = self._fn_i16(_ptr("float", xf[m]), self._packed, self._absmax, self.N, self.K,

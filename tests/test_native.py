@@ -173,6 +173,31 @@ def test_thread_count_changes_no_bit(variant):
         np.testing.assert_array_equal(bits(d), bits(base_d))
 
 
+def test_packed_nf4_shared_by_python_threads():
+    """Several Python threads call one ``PackedNF4`` at once, each with its own x and workspace (the
+    per-thread scratch of ``native._scratch``), and each gets the bits of a lone call."""
+    import threading
+
+    rng = np.random.default_rng(8)
+    N, K = 96, 256
+    packed, absmax = native.quantize_nf4(rng.standard_normal((N, K)).astype(np.float32), 64)
+    w = native.PackedNF4(packed, absmax, N, K, num_threads=2)
+    xs = [rng.standard_normal((M, K)).astype(np.float32) for M in (1, 5, 33, 64, 1, 17)]
+    want = [w.matmul(x) for x in xs]
+    wrong = [0] * len(xs)
+
+    def work(i):
+        for _ in range(20):
+            wrong[i] += not np.array_equal(bits(w.matmul(xs[i])), bits(want[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [0] * len(xs)
+
+
 def test_environment_switches(monkeypatch):
     x = np.random.default_rng(4).standard_normal(5000).astype(np.float32)
     base = native.quantize_nf4(x)

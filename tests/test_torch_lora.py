@@ -413,17 +413,18 @@ def test_nf4_linear_on_cpu_dequantises_in_c_to_the_torch_bits(double_quant, dtyp
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_linear_small_batches_use_the_c_matmul_within_the_bound(double_quant, monkeypatch):
-    """Up to ``NATIVE_MATMUL_ROWS`` float32 rows on the CPU, the forward is ``native.matmul_nf4`` on the packed
-    bytes (exact mode): within γ_K·(|x|·|W|ᵀ) of the float64 product; more rows take dequantise + ``F.linear``
-    (the same bits as before). The backward is ``g @ dequant(W)`` either way."""
+    """Up to ``NATIVE_MATMUL_ROWS`` float32 rows on the CPU, the forward is the C matmul on the packed bytes
+    (``native.PackedNF4``, exact mode): within γ_K·(|x|·|W|ᵀ) of the float64 product; more rows take
+    dequantise + ``F.linear`` (the same bits as before). The backward is ``g @ dequant(W)`` either way, and
+    the inference path (no gradient recording) gives the training path's bits."""
     from minilora import native
     from minilora.torch_backend import qlora
     N, K = 40, 256
     linear = torch.nn.Linear(K, N)
     layer = NF4Linear.from_linear(linear, blocksize=64, double_quant=double_quant)
     W = layer.dequantize()  # (N, K) float32
-    calls, real = [], native.matmul_nf4
-    monkeypatch.setattr(native, "matmul_nf4", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    calls, real = [], native.PackedNF4.matmul
+    monkeypatch.setattr(native.PackedNF4, "matmul", lambda self, x, **k: calls.append(x.shape) or real(self, x, **k))
     for M in (1, 3, qlora.NATIVE_MATMUL_ROWS, qlora.NATIVE_MATMUL_ROWS + 1):
         x = torch.randn(M, K, requires_grad=True)
         y = layer(x)  # (M, N)
@@ -435,7 +436,26 @@ def test_nf4_linear_small_batches_use_the_c_matmul_within_the_bound(double_quant
         g = torch.randn(M, N)
         (gx,) = torch.autograd.grad(y, x, g)
         assert torch.equal(gx, g @ W)
-    assert calls == [(1, K), (3, K), (qlora.NATIVE_MATMUL_ROWS, K)]  # the C kernel ran exactly for the small ones
+        with torch.no_grad():
+            assert torch.equal(layer(x), y)  # the inference path: the same kernel, no autograd Function
+    small = [(1, K), (3, K), (qlora.NATIVE_MATMUL_ROWS, K)]
+    assert calls == [shape for shape in small for _ in range(2)]  # the C kernel ran exactly for the small ones
+
+
+def test_nf4_linear_c_matmul_state_follows_the_buffers():
+    """The layer's cached C-matmul state (double-quantised absmax decoded once, the state checked once) is
+    rebuilt when a buffer is written in place: new nested codes give the output of a fresh layer built
+    from the new state, not the old decoded absmax's."""
+    torch.manual_seed(7)
+    N, K = 40, 128 * 64
+    a = NF4Linear.from_linear(torch.nn.Linear(K, N, bias=False), blocksize=64, double_quant=True)
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        y0 = a(x)
+        a.nested_codes.copy_(a.nested_codes.flip(0))  # other statistics, same tensors (in place)
+        y1 = a(x)
+        assert not torch.equal(y1, y0)
+        assert torch.equal(y1, NF4Linear(a.quant_state())(x))
 
 
 def test_nf4_linear_int16_mode_only_in_inference():

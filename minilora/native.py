@@ -17,6 +17,7 @@ reference returns float64): |out - ref| <= gamma_K * (|x| @ |dequant(W)|.T), gam
 u = 2**-24; with ``mode="int16"`` (opt-in, approximate) within ``nf4.int16_matmul_error_bound``. Inputs in float16 / bfloat16 are widened to float32 first (exact), as the reference does.
 Not here: FP4 (NumPy only) and ``matmul_nf4`` with ``K % blocksize != 0`` (ValueError; use the reference).
 """
+import functools
 import os
 import threading
 
@@ -81,6 +82,14 @@ def _check(status, name):
 
 def _ptr(ctype, array):
     return ffi.from_buffer(f"{ctype}[]", array) if array.size else ffi.NULL
+
+
+@functools.lru_cache(maxsize=256)
+def _workspace_size(fn_name, *args):
+    """``lib.<fn_name>(*args)`` for the scratch-size functions, remembered per shape. Every cffi call releases
+    the GIL; for these one-line functions the wait to take it back from the merge's reader / writer threads
+    cost more than the call (0.35 ms per tensor in a profile of ``minilora merge``)."""
+    return getattr(lib, fn_name)(*args)
 
 
 _SCRATCH = threading.local()
@@ -268,7 +277,7 @@ class PackedNF4:
         if M == 0:
             return y
         rows = 1 if mode == "int16" else M  # the int16 mode is a GEMV: one call per row of x
-        nbytes = max(lib.minilora_matmul_nf4_scratch_bytes(rows, self.N, self.K, self._threads), 0)
+        nbytes = max(_workspace_size("minilora_matmul_nf4_scratch_bytes", rows, self.N, self.K, self._threads), 0)
         scratch = _scratch(nbytes)  # this thread's workspace: two threads may share this object
         if mode == "int16":
             for m in range(M):
@@ -311,7 +320,8 @@ def merge_weight_stats(W, A, B, s, fan_in_fan_out=False, *, variant="auto", num_
     elif out is not W and np.shares_memory(out, W):
         raise ValueError("out overlaps W without being W")
     stats = ffi.new("float *"), ffi.new("int64_t *"), ffi.new("int64_t *")
-    scratch = np.empty(lib.minilora_lora_merge_scratch_floats(K, A.shape[0]), dtype=np.float32)  # A in panels
+    floats = _workspace_size("minilora_lora_merge_scratch_floats", K, A.shape[0])
+    scratch = np.empty(floats, dtype=np.float32)  # A in panels
     status = fn(_ptr("uint8_t", W.view(np.uint8)), _OUT_CODES[W.dtype], _ptr("float", A), _ptr("float", B),
                 N, K, A.shape[0], float(np.float32(s)), _ptr("uint8_t", out.view(np.uint8)), *stats,
                 _threads(num_threads), _ptr("float", scratch), scratch.size)

@@ -21,6 +21,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include "bf16.h"
 #include "minilora.h"
 
 static inline float f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -51,13 +52,6 @@ static inline uint16_t f32_to_half(float f)
     return (uint16_t)(sign | h);
 }
 
-static inline uint16_t f32_to_bf16(float f)
-{
-    uint32_t u = bits_from_f32(f);
-    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((u >> 16) | 0x40);   /* quiet NaN */
-    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-
 static inline float load_w(const void *W, int dtype, int64_t i)
 {
     if (dtype == MINILORA_FLOAT32) return ((const float *)W)[i];
@@ -70,7 +64,7 @@ static inline float store_out(void *out, int dtype, int64_t i, float o)
 {
     if (dtype == MINILORA_FLOAT32) { ((float *)out)[i] = o; return o; }
     if (dtype == MINILORA_BFLOAT16) {
-        uint16_t b = f32_to_bf16(o);
+        uint16_t b = minilora_f32_to_bf16(o);
         ((uint16_t *)out)[i] = b;
         return f32_from_bits((uint32_t)b << 16);
     }
@@ -146,7 +140,7 @@ static inline void finish8(merge_args *a, int tid, int64_t i, __m256 acc, __m256
         _mm256_storeu_ps((float *)a->out + i, o);
         ob = o;
     } else if (a->dtype == MINILORA_BFLOAT16) {
-        /* f32_to_bf16 for non-NaN o: (u + 0x7FFF + ((u >> 16) & 1)) >> 16 */
+        /* minilora_f32_to_bf16 (bf16.h) for non-NaN o: (u + 0x7FFF + ((u >> 16) & 1)) >> 16 */
         __m256i u = _mm256_castps_si256(o);
         __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
         __m256i rnd = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);

@@ -17,6 +17,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include "bf16.h"
 #include "minilora.h"
 #include "minilora_tables.h"
 #include "nf4_simd.h"
@@ -68,12 +69,7 @@ static inline void store_dequant(void *out, int dtype, int64_t j, float w)
     if (dtype == MINILORA_FLOAT32) {
         ((float *)out)[j] = w;
     } else if (dtype == MINILORA_BFLOAT16) {
-        /* bitsandbytes' rounding formula for numbers; a NaN is truncated with the quiet bit set, as
-         * nf4.cast_float32 does (the formula would wrap a NaN with bits >= 0xFFFF8000 around to +0.0 and
-         * 0x7FFF8000.. to -0.0) */
-        uint32_t bits;
-        memcpy(&bits, &w, 4);
-        ((uint16_t *)out)[j] = (uint16_t)(w != w ? (bits >> 16) | 0x40u : (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+        ((uint16_t *)out)[j] = minilora_f32_to_bf16(w);   /* bitsandbytes' rounding; NaN stays NaN (bf16.h) */
     } else {
         _Float16 h = (_Float16)w;                                /* IEEE round to nearest even */
         memcpy((uint16_t *)out + j, &h, 2);

@@ -2,6 +2,7 @@
 
 Exit codes: 0 ok, 1 a check failed, 2 usage or input error (one line on stderr, no traceback).
 """
+import signal
 import sys
 
 import click
@@ -19,19 +20,30 @@ class Group(click.Group):
             rv = super().main(*args, **kwargs)
         except click.ClickException as e:       # usage errors: bad option, missing argument
             _fail(e.format_message(), e.exit_code)
-        except click.exceptions.Abort:
-            _fail("aborted", 130)
+        except click.exceptions.Abort:        # click's name for Ctrl-C
+            _fail("interrupted; no output was written", 130)
         except InputError as e:
             _fail(str(e))
         except OSError as e:
             # A missing file, a full disk, a permission problem: say which file, no traceback.
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             _fail(f"{where}{e.strerror or e}")
+        except Terminated:
+            _fail("terminated (SIGTERM); no output was written", code=143)
         except KeyboardInterrupt:
             _fail("interrupted; no output was written", code=130)
         if isinstance(rv, int) and rv:          # ctx.exit(1): a check failed
             sys.exit(rv)
         return rv
+
+
+class Terminated(BaseException):
+    """SIGTERM (``kill``, a job scheduler's time limit): unwinds like Ctrl-C (every clean-up is an
+    ``except BaseException`` / ``finally``), so no partial output stays."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def _fail(message, code=2):
@@ -66,4 +78,5 @@ _register()
 
 
 def main():
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="minilora")

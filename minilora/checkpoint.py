@@ -12,7 +12,9 @@ file names inside the checkpoint folder. Not here: the math (``minilora.lora``),
 (``minilora.nf4_checkpoint``), the merge pipeline (``minilora.merge``).
 """
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from minilora.errors import InputError
@@ -24,7 +26,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # Files of a model folder that a merge copies unchanged (config.json is copied too, see merge).
-EXTRA_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".md")
+EXTRA_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".md", ".py")  # .py: trust_remote_code
 LORA_PARTS = {  # adapter key suffix -> role
     "lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias",
     "lora_embedding_A": "A", "lora_embedding_B": "B", "lora_magnitude_vector": "magnitude",
@@ -35,7 +37,7 @@ def read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"not valid JSON ({e})", path) from None
 
 
@@ -53,6 +55,7 @@ class Checkpoint:
 
     def __init__(self, path):
         self.path = os.path.abspath(str(path))
+        self.index_metadata = None
         if os.path.isfile(self.path):
             self.folder, self.index = None, None
             shard_files = [self.path]
@@ -80,7 +83,11 @@ class Checkpoint:
     def _find_shards(self):
         index = os.path.join(self.folder, INDEX_NAME)
         if os.path.isfile(index):
-            weight_map = read_json(index).get("weight_map")
+            content = read_json(index)
+            if not isinstance(content, dict):
+                raise InputError("index is not a JSON object", index)
+            weight_map = content.get("weight_map")
+            self.index_metadata = content.get("metadata") if isinstance(content.get("metadata"), dict) else {}
             if not isinstance(weight_map, dict) or not weight_map:
                 raise InputError("index has no weight_map", index)
             names = []
@@ -166,7 +173,9 @@ class Adapter:
     path: str
     config: dict
     modules: dict = field(default_factory=dict)     # module name -> LoraModule
-    full_tensors: dict = field(default_factory=dict)  # modules_to_save: base key -> array
+    full_tensors: dict = field(default_factory=dict)  # base key -> array that replaces the base tensor
+    saved_base: set = field(default_factory=set)    # keys of full_tensors that are copies of the base
+    # (PEFT saves an adapted embedding's base weights beside its LoRA); the others are modules_to_save
 
     @property
     def r(self):
@@ -187,10 +196,12 @@ def _adapter_paths(path):
 
 
 def _module_key(key):
-    """``base_model.model.<module>.<part>`` → (module, role), or (key, None) for a full tensor."""
+    """``base_model.model.<module>.<part>`` → (module, role, is_embedding), or (base key, None, saved_base)
+    for a full tensor."""
     stripped = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
     # Full tensors: modules_to_save, and the base weights PEFT saves beside an adapted embedding
     # (save_embedding_layers) under "<module>.base_layer.weight"; both replace the base tensor.
+    saved_base = ".base_layer." in stripped
     stripped = stripped.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
     for part, role in LORA_PARTS.items():
         head, _, tail = part.partition(".")
@@ -198,7 +209,63 @@ def _module_key(key):
             suffix = f".{head}{infix}" + (f".{tail}" if tail else "")
             if stripped.endswith(suffix):
                 return stripped[: -len(suffix)], role, head.startswith("lora_embedding")
-    return stripped, None, False
+    return stripped, None, saved_base
+
+
+# Config fields of LoRA variants whose merge is not W + s·B A (or DoRA): refused, by name.
+UNSUPPORTED_FIELDS = {
+    "trainable_token_indices": "trainable tokens", "alora_invocation_tokens": "aLoRA (activated LoRA)",
+    "use_qalora": "QA-LoRA", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
+    "layer_replication": "layer replication", "use_bdlora": "BD-LoRA", "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+}
+# init_lora_weights values that change the base weights when the adapter is created: such an adapter belongs
+# to that modified base, and merging it into the original model gives wrong weights.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_adapter_config(config, path):
+    """Refuse a config whose values have the wrong type, or that names a LoRA variant minilora cannot merge."""
+    def bad(message):
+        raise InputError(f"adapter config: {message}", path)
+
+    r = config.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        bad(f"r must be a positive integer, got {r!r}")
+    if not _is_number(config.get("lora_alpha", 8)):
+        bad(f"lora_alpha must be a number, got {config.get('lora_alpha')!r}")
+    for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
+        if config.get(name) not in (None, True, False):
+            bad(f"{name} must be true or false, got {config.get(name)!r}")
+    for name, positive_int in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, dict):
+            bad(f"{name} must be an object, got {pattern!r}")
+        for key, value in pattern.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                bad(f"{name} key {key!r} is not a regular expression ({e})")
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) if positive_int \
+                else _is_number(value)
+            if not ok:
+                bad(f"{name}[{key!r}] must be a {'positive integer' if positive_int else 'number'}, got {value!r}")
+    for name, what in UNSUPPORTED_FIELDS.items():
+        if config.get(name):
+            bad(f"{name} is set: {what} adapters are not supported (their merge is not W + s·B A)")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        bad(f"init_lora_weights={init!r} changed the base weights when the adapter was created, so the adapter "
+            f"only fits that modified base; save it with PEFT's path_initial_model_for_weight_conversion "
+            f"to get a plain LoRA adapter of the original model")
+    modules_to_save = config.get("modules_to_save")
+    if modules_to_save is not None and (not isinstance(modules_to_save, list)
+                                        or not all(isinstance(m, str) for m in modules_to_save)):
+        bad(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
 
 
 def load_adapter(path):
@@ -211,6 +278,7 @@ def load_adapter(path):
         raise InputError("adapter config is not a JSON object", config_path)
     if config.get("peft_type", "LORA") != "LORA":
         raise InputError(f"peft_type {config.get('peft_type')!r} is not LORA", config_path)
+    check_adapter_config(config, config_path)
     if not os.path.isfile(weights):
         raise InputError("adapter weights are missing", weights)
     adapter = Adapter(path=weights, config=config)
@@ -219,6 +287,8 @@ def load_adapter(path):
             module, role, is_embedding = _module_key(key)
             if role is None:
                 adapter.full_tensors[module] = f.get(key)
+                if is_embedding:  # (for a full tensor: a saved copy of the base weights)
+                    adapter.saved_base.add(module)
                 continue
             m = adapter.modules.setdefault(module, LoraModule(module))
             if is_embedding:

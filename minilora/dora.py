@@ -51,10 +51,12 @@ def dora_forward(x, W, A, B, s, m, bias=None, fan_in_fan_out=False):
     return y if bias is None else y + np.asarray(bias, F64)
 
 
-def dora_merge_weight(W, A, B, s, m, fan_in_fan_out=False, adapted=None):
+def dora_merge_weight(W, A, B, s, m, fan_in_fan_out=False, adapted=None, norm_of=None):
     """``W' = (m / n)[:, None] ⊙ (W + ΔW)`` rounded once to W's dtype. Returns ``(W', n)``: keep ``n``,
     unmerging needs the norm of merge time (it cannot be recovered from ``W'``). ``adapted``: ``W + ΔW``
-    in float32 and W's layout when the caller already has it (the C merge kernel computes the same bits)."""
+    in float32 and W's layout when the caller already has it (the C merge kernel computes the same bits).
+    ``norm_of``: take ``n`` over this float32 matrix (W's layout) instead: ``W₀ + ΔW`` with W₀ the weight
+    before other adapters were merged into W, as PEFT does when several adapters are merged."""
     N, _, _ = check_lora_shapes(W, A, B, fan_in_fan_out)
     if np.shape(m) != (N,):
         raise ValueError(f"DoRA magnitude must have shape ({N},), got {np.shape(m)}")
@@ -62,7 +64,10 @@ def dora_merge_weight(W, A, B, s, m, fan_in_fan_out=False, adapted=None):
         Wd = _adapted(W, A, B, s, fan_in_fan_out)  # (N, K)
     else:
         Wd = adapted.T if fan_in_fan_out else adapted  # (N, K)
-    n = _row_norm(Wd)  # (N,)
+    if norm_of is not None:
+        n = _row_norm(norm_of.T if fan_in_fan_out else norm_of)  # (N,)
+    else:
+        n = _row_norm(Wd)  # (N,)
     factor = np.asarray(m, F32) / n  # (N,)
     out = factor[:, None] * Wd  # (N, K)
     out = (out.T if fan_in_fan_out else out).astype(W.dtype)  # W's layout

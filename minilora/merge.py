@@ -14,14 +14,15 @@ import shutil
 import time
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
-from minilora import dora, lora, native
-from minilora.checkpoint import INDEX_NAME, Checkpoint, load_adapter, write_json
+from minilora import architectures, dora, lora, native
+from minilora.checkpoint import ADAPTER_CONFIG, INDEX_NAME, Checkpoint, load_adapter, write_json
 from minilora.dtypes import dtype_from_name, is_float
 from minilora.errors import InputError
 from minilora.nf4_checkpoint import quantized_weights
-from minilora.output import check_output, staged_folder
+from minilora.output import TEMP_PREFIX, check_output, make_parent, output_errors, staged_folder
 from minilora.pipeline import TensorStream
 from minilora.progress import Progress
 from minilora.safetensors_io import SafetensorsWriter
@@ -35,52 +36,77 @@ class Patch:
     fan_in_fan_out: bool
     role: str           # "weight" or "bias"
 
-    def apply(self, W, sign, inplace=False):
+    def apply(self, W, sign, inplace=False, W_orig=None):
         """``(W', max |W' − W|)``: merge (``sign=+1``) or unmerge (``-1``) this patch with the C kernel
-        (bit-exact with ``minilora.lora`` / ``minilora.dora``). ``inplace``: a LoRA W' overwrites W."""
-        m, ffio = self.module, self.fan_in_fan_out or self.module.kind == "embedding"
+        (bit-exact with ``minilora.lora`` / ``minilora.dora``). ``inplace``: a LoRA W' overwrites W.
+        ``W_orig``: the tensor before this call's earlier patches: a DoRA norm is taken over W_orig + ΔW,
+        as PEFT's forward (and its merge since 0.21) does when several adapters are active."""
+        m, ffio = self.module, self.fan_in_fan_out
+        verb = "merge" if sign > 0 else "unmerge"
         if self.role == "bias":
-            delta = (np.float32(self.s) * m.bias.astype(np.float32)) * np.float32(sign)
-            out = (W.astype(np.float32) + delta).astype(W.dtype)
+            with np.errstate(all="ignore"):  # overflow is reported just below
+                delta = (np.float32(self.s) * m.bias.astype(np.float32)) * np.float32(sign)
+                out = (W.astype(np.float32) + delta).astype(W.dtype)
+            _check_new_nonfinite(out, W, verb, "bias")
             return out, float(np.max(np.abs(out.astype(np.float32) - W.astype(np.float32)), initial=0.0))
         if m.magnitude is not None:  # DoRA (plan_patches refuses to unmerge it)
             adapted = native.merge_weight_stats(W.astype(np.float32), m.A, m.B, self.s, ffio)[0]
-            out, _ = dora.dora_merge_weight(W, m.A, m.B, self.s, m.magnitude, ffio, adapted=adapted)
+            norm_of = None
+            if W_orig is not None and W_orig is not W:
+                norm_of = native.merge_weight_stats(W_orig.astype(np.float32), m.A, m.B, self.s, ffio)[0]
+            with np.errstate(all="ignore"):  # a zero norm gives inf / NaN: dora_merge_weight refuses it
+                out, _ = dora.dora_merge_weight(W, m.A, m.B, self.s, m.magnitude, ffio, adapted=adapted,
+                                                norm_of=norm_of)
             return out, float(np.max(np.abs(out.astype(np.float32) - W.astype(np.float32)), initial=0.0))
         with np.errstate(over="ignore"):  # a scale beyond float32 gives inf: reported just below
             s = np.float32(self.s) * np.float32(sign)
         out, max_delta, bad, first = native.merge_weight_stats(W, m.A, m.B, s, ffio, out=W if inplace else None)
         if bad:
             index = tuple(int(i) for i in np.unravel_index(first, W.shape))
-            raise ValueError(f"{'merge' if sign > 0 else 'unmerge'} produced {bad} NaN/inf values (first at "
-                             f"index {index}) from finite base weights; the adapter or --scale is too large "
-                             f"for {W.dtype}")
+            raise ValueError(f"{verb} produced {bad} NaN/inf values (first at index {index}) from finite base "
+                             f"weights; the adapter or --scale is too large for {W.dtype}")
         return out, max_delta
 
 
-def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None):
+def _check_new_nonfinite(out, W, verb, what):
+    with np.errstate(all="ignore"):
+        new = ~np.isfinite(out.astype(np.float32)) & np.isfinite(W.astype(np.float32))
+    if new.any():
+        index = tuple(int(i) for i in np.argwhere(new)[0])
+        raise ValueError(f"{verb} produced {int(new.sum())} NaN/inf values in the {what} (first at index {index}) "
+                         f"from finite base values; the adapter or --scale is too large for {W.dtype}")
+
+
+def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None, target=None, linear_keys=()):
     """Map base tensor name → [Patch, ...] and check every adapter fits the base, before any I/O.
-    ``info(name) → (dtype, shape, nbytes)`` defaults to the file's; an NF4 base passes the logical one."""
+    Returns ``(patches, full)``: ``full`` maps a base key to the adapter tensor that replaces it.
+    ``info(name) → (dtype, shape, nbytes)`` defaults to the file's; an NF4 base passes the logical one, and
+    its 4-bit weights in ``linear_keys`` (bitsandbytes stores every layer, Conv1D too, as (N, K)).
+    ``target``: the output dtype (``--dtype``), which the merge runs in."""
     info = info or ckpt.info
     patches, full = {}, {}
     for adapter in adapters:
         cfg = adapter.config
+        shapes = {name: info(f"{name}.weight")[1] for name in adapter.modules if f"{name}.weight" in ckpt}
+        layouts = module_layouts(ckpt, adapter, shapes, linear_keys)
         for name, m in adapter.modules.items():
             key = f"{name}.weight"
             if key not in ckpt:
-                raise InputError(f"adapter module {name} has no tensor {key} in the base checkpoint "
-                                 f"{ckpt.path} (an adapter for a different model?)", adapter.path, name)
+                raise InputError(_missing_module_message(ckpt, name, key), adapter.path, name)
             dtype, shape, _ = info(key)
             if not is_float(dtype):
                 raise InputError(f"base tensor {key} is {dtype}, not a float weight", ckpt.path, key)
+            if np.dtype(target or dtype) not in MERGE_DTYPES:
+                raise InputError(f"base tensor {key} is {dtype}; merging needs float32, float16 or bfloat16 "
+                                 f"(choose one with --dtype)", ckpt.path, key)
             r, alpha = lora.module_rank_alpha(name, cfg.get("r", 8), cfg.get("lora_alpha", 8),
                                               cfg.get("rank_pattern"), cfg.get("alpha_pattern"))
             if m.A.shape[0] != r:
-                raise InputError(f"lora_A has rank {m.A.shape[0]} but the config gives r={r}",
+                raise InputError(f"lora_A has rank {m.A.shape[0]} but the config gives r={r} for this module",
                                  adapter.path, name)
-            ffio = bool(cfg.get("fan_in_fan_out")) or m.kind == "embedding"
+            ffio = layouts[name]
             try:
-                N, _, _ = lora.check_lora_shapes(np.empty(shape, dtype=np.uint8), m.A, m.B, ffio)
+                N, _, _ = lora.check_lora_shapes(np.empty(shapes[name], dtype=np.uint8), m.A, m.B, ffio)
             except ValueError as e:
                 raise InputError(f"does not fit base tensor {key}: {e}", adapter.path, name) from None
             if m.magnitude is not None and sign < 0:
@@ -95,11 +121,80 @@ def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None):
                     raise InputError(f"adapter trains a bias but the base has no {name}.bias", adapter.path, name)
                 patches.setdefault(f"{name}.bias", []).append(Patch(adapter.path, m, s, ffio, "bias"))
         for key, value in adapter.full_tensors.items():
-            if key not in ckpt or info(key)[1] != value.shape:
-                raise InputError(f"modules_to_save tensor {value.shape} has no matching base tensor",
+            saved_base = key in adapter.saved_base
+            if key not in ckpt:
+                raise InputError(f"adapter tensor {key} is neither a LoRA tensor nor a tensor of the base "
+                                 f"(a LoRA variant that minilora does not merge, or an adapter for another model)",
                                  adapter.path, key)
-            full[key] = value
+            if info(key)[1] != value.shape:
+                what = "saved copy of the base tensor" if saved_base else "modules_to_save tensor"
+                raise InputError(f"{what} {value.shape} does not fit the base's {tuple(info(key)[1])} "
+                                 f"(a resized vocabulary, or an adapter for another model?)", adapter.path, key)
+            if sign < 0 and not saved_base:
+                raise InputError("modules_to_save replaced this tensor when merging; its base values are not in "
+                                 "the adapter, so unmerge cannot restore them", adapter.path, key)
+            full[key] = Replacement(value, saved_base, adapter.path)
     return patches, full
+
+
+MERGE_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.float16, ml_dtypes.bfloat16))
+
+
+@dataclass
+class Replacement:
+    """An adapter tensor that replaces a base tensor: a modules_to_save module, or (``saved_base``) the copy
+    of the base weights PEFT saves beside an adapted embedding."""
+    value: object
+    saved_base: bool
+    adapter: str
+
+
+def module_layouts(ckpt, adapter, shapes, linear_keys=()):
+    """{module: fan_in_fan_out} per module of one adapter, as PEFT decides it: by the layer's type, not by
+    the config's single flag (PEFT rewrites that flag to whatever the last layer it wrapped needed, so an
+    adapter on GPT-2's Conv1D layers and a Linear head has one value for both). The stored shape decides
+    when in_features != out_features; a square layer goes by the model type (``minilora.architectures``),
+    else by what the adapter's other layers show, else by the config's flag."""
+    flag = bool(adapter.config.get("fan_in_fan_out"))
+    known = architectures.knows_layout(ckpt.config)
+    decided, by_shape, square = {}, {}, []
+    for name, m in adapter.modules.items():
+        if name not in shapes:
+            continue  # not in the base: plan_patches reports it
+        if m.kind == "embedding":
+            decided[name] = True  # ΔW = (B A)ᵀ for an Embedding's (vocab, dim) weight
+            continue
+        if f"{name}.weight" in linear_keys:
+            decided[name] = False
+            continue
+        K, N = m.A.shape[1], m.B.shape[0]
+        shape = tuple(shapes[name])
+        as_linear, as_conv1d = shape == (N, K), shape == (K, N)
+        if as_linear != as_conv1d:
+            decided[name] = by_shape[name] = as_conv1d
+        elif as_linear and known:
+            decided[name] = architectures.is_conv1d(ckpt.config, name)
+        elif as_linear:
+            square.append(name)
+        else:
+            decided[name] = flag  # fits neither: check_lora_shapes reports it
+    seen = set(by_shape.values())
+    for name in square:
+        if len(seen) > 1:
+            raise InputError(f"cannot tell whether {name} is a Conv1D (in, out) or a Linear (out, in) layer: "
+                             f"this adapter has both kinds and the layer is square; give the model folder "
+                             f"(its config.json names the architecture)", adapter.path, name)
+        decided[name] = next(iter(seen)) if seen else flag
+    return decided
+
+
+def _missing_module_message(ckpt, name, key):
+    config = ckpt.config or {}
+    if config.get("tie_word_embeddings") and name.rsplit(".", 1)[-1] in ("lm_head", "embed_out"):
+        return (f"the base has no {key}: its output layer is tied to the input embedding (tie_word_embeddings), "
+                f"and a LoRA on the tied {name} cannot be merged without untying them")
+    return f"adapter module {name} has no tensor {key} in the base checkpoint {ckpt.path} (an adapter for a " \
+           f"different model?)"
 
 
 def _layout(ckpt, out):
@@ -117,7 +212,12 @@ def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, qu
     ``durable``: fsync every output file before it is renamed into place (``SafetensorsWriter``)."""
     t0 = time.perf_counter()
     out = os.path.abspath(str(out))
-    check_output(out, [base, *adapters], force)
+    base_is_file = os.path.isfile(base)
+    if not base_is_file and out.endswith(".safetensors"):
+        raise InputError("BASE is a model folder, so the output is a folder too; give -o a folder name (or "
+                         "give the folder's .safetensors file as BASE to get one file)", out)
+    check_output(out, [base, *adapters, *_files_read_beside(base, adapters)], force,
+                 single_file=base_is_file and out.endswith(".safetensors"))
     adapters = [load_adapter(a) for a in adapters]
     target = dtype_from_name(dtype)
     with Checkpoint(base) as ckpt:
@@ -128,15 +228,25 @@ def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, qu
             return _report(base, adapters, out, sign, rows, t0)
         if requantize:
             raise InputError("--requantize needs a 4-bit (bitsandbytes NF4/FP4) base", ckpt.path)
-        patches, full = plan_patches(ckpt, adapters, scale, sign)
+        patches, full = plan_patches(ckpt, adapters, scale, sign, target=target)
         single, shard_names = _layout(ckpt, out)
         if single:
-            rows = _write_shards(ckpt, patches, full, target, out, single, shard_names, quiet, sign, durable)
+            make_parent(out)
+            with output_errors(out, os.path.join(os.path.dirname(out), TEMP_PREFIX)):
+                rows = _write_shards(ckpt, patches, full, target, out, single, shard_names, quiet, sign, durable)
         else:
             with staged_folder(out) as stage:
                 rows = _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign, durable)
-                _copy_extras(ckpt, stage, rows)
+                _copy_extras(ckpt, stage, rows, target)
     return _report(base, adapters, out, sign, rows, t0)
+
+
+def _files_read_beside(base, adapters):
+    """Files read next to a file input: a bare adapter's config, a base file's config.json."""
+    paths = [os.path.join(os.path.dirname(os.path.abspath(a)), ADAPTER_CONFIG) for a in adapters if os.path.isfile(a)]
+    if os.path.isfile(base):
+        paths.append(os.path.join(os.path.dirname(os.path.abspath(base)), "config.json"))
+    return paths
 
 
 def _report(base, adapters, out, sign, rows, t0):
@@ -193,7 +303,7 @@ def _stream_shard(reader, names, out_dtype, copied, merged, patches, full, sign,
                            owned=True)
             stream.write(writer, name, array=row.pop("_array"), release=buf)
         rows.append(row)
-        progress.update(row["bytes"], name)
+        progress.update(row["input_bytes"], name)
     return rows
 
 
@@ -203,7 +313,7 @@ def apply_patches(W, patches, sign, path, name, inplace=False):
     W0, max_delta = W, 0.0
     for p in patches if sign > 0 else reversed(patches):
         try:
-            W, max_delta = p.apply(W, sign, inplace=inplace)
+            W, max_delta = p.apply(W, sign, inplace=inplace, W_orig=W0)
         except ValueError as e:
             raise InputError(str(e), path, name) from None
     if len(patches) > 1:  # the kernel reports one step; several adapters need the end-to-end change
@@ -211,43 +321,65 @@ def apply_patches(W, patches, sign, path, name, inplace=False):
     return W, max_delta
 
 
-def _row(reader, name, patches, out_dtype):
+def _row(reader, name, patches, out_dtype, replacement=None):
     _, shape, nbytes = reader.info(name)
-    return {"name": name, "dtype": str(np.dtype(out_dtype)), "shape": list(shape), "bytes": nbytes,
-            "adapters": [p.adapter for p in patches], "scale": [p.s for p in patches]}
+    adapters = [replacement.adapter] if replacement is not None else []
+    adapters += [p.adapter for p in patches if p.adapter not in adapters]
+    row = {"name": name, "dtype": str(np.dtype(out_dtype)), "shape": list(shape),
+           "bytes": int(np.prod(shape, dtype=np.int64)) * np.dtype(out_dtype).itemsize, "input_bytes": nbytes,
+           "adapters": adapters, "scale": [p.s for p in patches]}
+    if replacement is not None:
+        row["replaced_by"] = "saved base copy" if replacement.saved_base else "modules_to_save"
+    return row
 
 
 def _process(reader, name, W, patches, replacement, out_dtype, sign, owned=False):
     """The report row of one tensor, with the tensor to write under ``"_array"``. ``owned``: W is a
-    buffer of ours (not the caller's), so a single LoRA merge may run in place."""
-    row = _row(reader, name, patches, out_dtype)
-    if replacement is not None:
-        W, owned = replacement, False
+    buffer of ours (not the caller's), so a single LoRA merge may run in place. ``replacement``: an adapter
+    tensor that replaces W before merging; when unmerging, a saved copy of the base *is* the result."""
+    row = _row(reader, name, patches, out_dtype, replacement)
+    if replacement is not None and sign > 0:
+        W, owned = replacement.value, False
     if is_float(W.dtype) and W.dtype != out_dtype:
         W, owned = W.astype(out_dtype), True
     W0 = W
-    inplace = owned and sign > 0 and len(patches) == 1
-    W, max_delta = apply_patches(W, patches, sign, reader.path, name, inplace=inplace)
-    if patches:
+    if replacement is not None and sign < 0:  # the adapter holds the base values: no subtraction needed
+        W = replacement.value.astype(out_dtype) if is_float(out_dtype) else replacement.value
+        max_delta = float(np.max(np.abs(W.astype(np.float32) - W0.astype(np.float32)), initial=0.0))
+    else:
+        inplace = owned and sign > 0 and len(patches) == 1
+        W, max_delta = apply_patches(W, patches, sign, reader.path, name, inplace=inplace)
+    if patches or replacement is not None:
         row["max_abs_delta"] = max_delta
-        if sign < 0:  # honest round trip: merging the result again, how far from the input are we?
-            again = W
-            for p in patches:
-                again, _ = p.apply(again, +1)
-            bits = f"u{W0.dtype.itemsize}"
-            same = again.view(bits) == W0.view(bits)
-            row["roundtrip_max_abs_error"] = float(np.abs(again.astype(np.float64) - W0.astype(np.float64)).max())
-            row["roundtrip_bit_exact_fraction"] = float(same.mean()) if same.size else 1.0
+    if patches and sign < 0:  # honest round trip: merging the result again, how far from the input are we?
+        again = apply_patches(W, patches, +1, reader.path, name)[0]
+        bits = f"u{W0.dtype.itemsize}"
+        same = again.view(bits) == W0.view(bits)
+        row["roundtrip_max_abs_error"] = float(np.abs(again.astype(np.float64) - W0.astype(np.float64)).max())
+        row["roundtrip_bit_exact_fraction"] = float(same.mean()) if same.size else 1.0
     row["_array"] = W
     return row
 
 
-def _copy_extras(ckpt, stage, rows):
+def _copy_extras(ckpt, stage, rows, target=None):
+    """Config, tokenizer and code files come along; ``--dtype`` is written into config.json's dtype; the
+    index gets the new total size (its other metadata is kept)."""
     for name in ckpt.extra_files():
-        shutil.copy2(os.path.join(ckpt.folder, name), os.path.join(stage, name))
+        src, dst = os.path.join(ckpt.folder, name), os.path.join(stage, name)
+        if name == "config.json" and target is not None and isinstance(ckpt.config, dict):
+            config = dict(ckpt.config)
+            for field in ("torch_dtype", "dtype"):
+                if field in config or field == "torch_dtype" and "dtype" not in config:
+                    config[field] = DTYPE_NAMES[np.dtype(target)]
+            write_json(dst, config)
+        else:
+            shutil.copy2(src, dst)
     if ckpt.index is not None:
         weight_map = {r["name"]: ckpt.shard_of[r["name"]] for r in rows}
-        total = sum(r["bytes"] if r["dtype"] == str(ckpt.info(r["name"])[0]) else
-                    int(np.prod(r["shape"])) * np.dtype(r["dtype"]).itemsize for r in rows)
-        write_json(os.path.join(stage, INDEX_NAME), {"metadata": {"total_size": total},
-                                                     "weight_map": weight_map})
+        metadata = dict(ckpt.index_metadata or {})
+        metadata["total_size"] = sum(r["bytes"] for r in rows)
+        write_json(os.path.join(stage, INDEX_NAME), {"metadata": metadata, "weight_map": weight_map})
+
+
+DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
+               np.dtype(ml_dtypes.bfloat16): "bfloat16"}

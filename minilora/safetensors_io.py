@@ -253,7 +253,11 @@ class SafetensorsWriter(_Output):
                 self._sink = DirectSink(self._tmp)
             except OSError:                             # not on this filesystem: buffered writes
                 self._sink = None
-        self._put(_header_bytes(self._entries, metadata))
+        try:
+            self._put(_header_bytes(self._entries, metadata))
+        except BaseException:  # (no `with` block yet to clean up)
+            self.abort()
+            raise
 
     @property
     def direct(self):
@@ -340,10 +344,10 @@ class SafetensorsWriter(_Output):
                 os.fsync(self._file.fileno())
             self._file.close()
             os.chmod(self._tmp, 0o644)
+            os.replace(self._tmp, self.path)
         except BaseException:  # e.g. the disk filled up: no partial output stays behind
             self.abort()
             raise
-        os.replace(self._tmp, self.path)
 
     def abort(self):
         if self._sink is not None:

@@ -1,0 +1,290 @@
+"""``minilora merge`` / ``unmerge`` on the inputs an audit found mishandled: outputs inside input folders,
+GPT-2 adapters mixing Conv1D and Linear layers, saved base copies and modules_to_save in unmerge, several
+adapters ending in DoRA, bias overflow, malformed configs, LoRA variants it cannot merge, SIGTERM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minilora import lora
+from minilora.checkpoint import LoraModule, save_adapter
+from minilora.safetensors_io import load_file, save_file
+from minilora.synthetic import llama_config, write_llama_checkpoint, write_lora_adapter
+
+from test_merge_cli import _expect_error, run, tree_digest
+
+CONFIG = llama_config(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=64)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edge")
+    write_llama_checkpoint(root / "base", CONFIG, seed=0)
+    write_lora_adapter(root / "adapter", CONFIG, rank=4, alpha=8, targets=("q_proj",), seed=1)
+    return root
+
+
+def _adapter(folder, config, modules, full_tensors=None):
+    base = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "fan_in_fan_out": False, "use_rslora": False,
+            "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True}
+    save_adapter(folder, {**base, **config}, modules, full_tensors)
+    return folder
+
+
+# ---------------------------------------------------------------- where the output may go
+@pytest.mark.parametrize("target", ["base/model.safetensors", "base/config.json", "base/sub", "adapter/adapter_config.json"])
+def test_output_inside_an_input_folder_is_refused_even_with_force(models, tmp_path, target):
+    for name in ("base", "adapter"):
+        os.system(f"cp -r {models / name} {tmp_path / name}")
+    out = tmp_path / target
+    digests = [tree_digest(tmp_path / "base"), tree_digest(tmp_path / "adapter")]
+    code, _, err = run("merge", tmp_path / "base", tmp_path / "adapter", "-o", out, "--force")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "BASE is a model folder" in err or "lies inside the input folder" in err
+    assert [tree_digest(tmp_path / "base"), tree_digest(tmp_path / "adapter")] == digests
+
+
+def test_bare_adapter_file_protects_its_config(models, tmp_path):
+    os.system(f"cp -r {models / 'adapter'} {tmp_path / 'ad'}")
+    code, _, err = run("merge", models / "base" / "model.safetensors", tmp_path / "ad" / "adapter_model.safetensors",
+                       "-o", tmp_path / "ad" / "adapter_config.json", "--force")
+    assert code == 2 and "lies inside the input folder" not in err and "overwrite" in err, err
+
+
+def test_symlink_and_kind_mismatch_outputs_are_refused_without_leftovers(models, tmp_path):
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    code, _, err = run("merge", models / "base", models / "adapter", "-o", tmp_path / "dangling")
+    assert code == 2 and "symbolic link" in err
+    (tmp_path / "dir.safetensors").mkdir()
+    code, _, err = run("merge", models / "base" / "model.safetensors", models / "adapter",
+                       "-o", tmp_path / "dir.safetensors", "--force")
+    assert code == 2 and "is a folder" in err
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".minilora")] == []
+
+
+def test_single_file_output_creates_its_folder(models, tmp_path):
+    out = tmp_path / "new" / "sub" / "merged.safetensors"
+    assert run("merge", models / "base" / "model.safetensors", models / "adapter", "-o", out, "-q")[0] == 0
+    assert os.path.isfile(out)
+
+
+def test_write_errors_name_the_output_not_the_temporary_file(models, tmp_path, monkeypatch):
+    import minilora.safetensors_io as io
+
+    def full_disk(self, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(io.SafetensorsWriter, "_put", full_disk)
+    for out in (tmp_path / "m", tmp_path / "m.safetensors"):
+        base = models / "base" if out.suffix == "" else models / "base" / "model.safetensors"
+        code, _, err = run("merge", base, models / "adapter", "-o", out)
+        assert code == 2 and f"{out}: cannot write the output: No space left on device" in err, err
+        assert ".minilora" not in err
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".minilora")] == []
+
+
+def test_sigterm_leaves_no_output_and_exits_143(models, tmp_path):
+    """A SIGTERM delivered while the first tensor is written (deterministic: the writer sends it)."""
+    script = f"""
+import os, signal, sys
+import minilora.safetensors_io as io
+put = io.SafetensorsWriter._put
+def put_then_term(self, data):
+    put(self, data)
+    os.kill(os.getpid(), signal.SIGTERM)
+io.SafetensorsWriter._put = put_then_term
+from minilora.cli.main import main
+sys.argv = ["minilora", "merge", {str(models / 'base')!r}, {str(models / 'adapter')!r}, "-o", {str(tmp_path / 'o')!r}]
+main()
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr
+    assert "terminated (SIGTERM); no output was written" in p.stderr and "Traceback" not in p.stderr
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- GPT-2: Conv1D and Linear in one adapter
+def _gpt2(folder, with_config=True, seed=0):
+    """A GPT-2-layout checkpoint: Conv1D weights stored (in, out) = (K, N); the classifier `score` is Linear."""
+    rng = np.random.default_rng(seed)
+    tensors = {"transformer.h.0.attn.c_attn.weight": rng.standard_normal((32, 96), dtype=np.float32),   # (K, N)
+               "transformer.h.0.attn.c_proj.weight": rng.standard_normal((32, 32), dtype=np.float32),   # square
+               "transformer.h.0.mlp.c_fc.weight": rng.standard_normal((32, 64), dtype=np.float32),
+               "score.weight": rng.standard_normal((2, 32), dtype=np.float32)}                          # (N, K)
+    os.makedirs(folder)
+    save_file(tensors, os.path.join(folder, "model.safetensors"))
+    if with_config:
+        (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32}))
+    return tensors
+
+
+def _gpt2_adapter(folder, rng):
+    modules = []
+    for name, K, N in (("transformer.h.0.attn.c_attn", 32, 96), ("transformer.h.0.attn.c_proj", 32, 32),
+                       ("transformer.h.0.mlp.c_fc", 32, 64), ("score", 32, 2)):
+        modules.append(LoraModule(name, A=rng.standard_normal((4, K), dtype=np.float32) * np.float32(0.1),
+                                  B=rng.standard_normal((N, 4), dtype=np.float32) * np.float32(0.1)))
+    # PEFT rewrites fan_in_fan_out to what the last layer it wrapped needed: here the Linear `score`
+    return _adapter(folder, {"fan_in_fan_out": False}, modules), {m.name: m for m in modules}
+
+
+def test_gpt2_adapter_on_conv1d_and_linear_layers_merges_each_in_its_own_layout(tmp_path):
+    base = _gpt2(tmp_path / "gpt2")
+    adapter, modules = _gpt2_adapter(tmp_path / "ad", np.random.default_rng(1))
+    code, out, err = run("merge", tmp_path / "gpt2", adapter, "-o", tmp_path / "m", "-q")
+    assert code == 0, err
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    for name, m in modules.items():
+        conv1d = name != "score"
+        want = lora.merge_weight(base[f"{name}.weight"], m.A, m.B, 2.0, fan_in_fan_out=conv1d)
+        np.testing.assert_array_equal(merged[f"{name}.weight"], want, err_msg=name)
+
+
+def test_gpt2_square_layer_without_config_is_refused_not_guessed(tmp_path):
+    _gpt2(tmp_path / "gpt2", with_config=False)
+    adapter, _ = _gpt2_adapter(tmp_path / "ad", np.random.default_rng(1))
+    _expect_error(["merge", tmp_path / "gpt2" / "model.safetensors", adapter, "-o", tmp_path / "o.safetensors"],
+                  str(tmp_path / "o.safetensors"), [tmp_path / "gpt2"], "cannot tell whether transformer.h.0.attn.c_proj")
+
+
+def test_llama_adapter_with_a_wrong_fan_in_fan_out_flag_merges_as_linear(models, tmp_path):
+    """PEFT ignores fan_in_fan_out=True on nn.Linear layers (with a warning); so does minilora."""
+    write_lora_adapter(tmp_path / "ad", CONFIG, rank=4, alpha=8, targets=("q_proj",), seed=1)
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    cfg["fan_in_fan_out"] = True
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
+    assert run("merge", models / "base", tmp_path / "ad", "-o", tmp_path / "a", "-q")[0] == 0
+    assert run("merge", models / "base", models / "adapter", "-o", tmp_path / "b", "-q")[0] == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+# ---------------------------------------------------------------- unmerge with full tensors
+def test_unmerge_restores_a_saved_base_copy_exactly_and_refuses_modules_to_save(models, tmp_path):
+    base = load_file(models / "base" / "model.safetensors")
+    rng = np.random.default_rng(3)
+    emb = base["model.embed_tokens.weight"]                                  # (vocab, hidden)
+    m = LoraModule("model.embed_tokens", kind="embedding", A=rng.standard_normal((4, 64), dtype=np.float32),
+                   B=rng.standard_normal((32, 4), dtype=np.float32))
+    ad = _adapter(tmp_path / "emb", {"target_modules": ["embed_tokens"]}, [m],
+                  {"model.embed_tokens.base_layer.weight": emb})
+    assert run("merge", models / "base", ad, "-o", tmp_path / "m", "-q")[0] == 0
+    code, out, err = run("unmerge", tmp_path / "m", ad, "-o", tmp_path / "u", "--json")
+    assert code == 0, err
+    back = load_file(tmp_path / "u" / "model.safetensors")["model.embed_tokens.weight"]
+    assert back.tobytes() == emb.tobytes()                                    # the saved copy, not W' − ΔW
+    row = next(r for r in json.loads(out)["tensors"] if r["name"] == "model.embed_tokens.weight")
+    assert row["replaced_by"] == "saved base copy" and row["roundtrip_bit_exact_fraction"] == 1.0
+
+    head = base["lm_head.weight"] + np.float32(0.5)
+    ad2 = _adapter(tmp_path / "mts", {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+                   [LoraModule("model.layers.0.self_attn.q_proj", A=np.ones((4, 32), np.float32),
+                               B=np.zeros((32, 4), np.float32))], {"lm_head.weight": head})
+    code, out, _ = run("merge", models / "base", ad2, "-o", tmp_path / "m2", "--json")
+    assert code == 0
+    row = next(r for r in json.loads(out)["tensors"] if r["name"] == "lm_head.weight")
+    assert row["replaced_by"] == "modules_to_save" and row["adapters"] == [str(ad2 / "adapter_model.safetensors")]
+    _expect_error(["unmerge", tmp_path / "m2", ad2, "-o", tmp_path / "u2"], str(tmp_path / "u2"), [tmp_path / "m2"],
+                  "unmerge cannot restore them")
+
+
+# ---------------------------------------------------------------- several adapters, DoRA last
+def test_lora_then_dora_takes_the_norm_over_the_original_weight_as_peft(models, tmp_path):
+    write_lora_adapter(tmp_path / "lora", CONFIG, rank=4, alpha=8, targets=("q_proj",), seed=5, std=0.2)
+    write_lora_adapter(tmp_path / "dora", CONFIG, rank=4, alpha=8, targets=("q_proj",), seed=6, std=0.2,
+                       use_dora=True)
+    assert run("merge", models / "base", tmp_path / "lora", tmp_path / "dora", "-o", tmp_path / "m", "-q",
+               "--dtype", "float32")[0] == 0
+    key = "model.layers.0.self_attn.q_proj"
+    W = load_file(models / "base" / "model.safetensors")[f"{key}.weight"].astype(np.float64)
+    l0, d1 = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("lora", "dora"))
+    P = f"base_model.model.{key}"
+    dW0 = 2.0 * l0[f"{P}.lora_B.weight"].astype(np.float64) @ l0[f"{P}.lora_A.weight"]
+    dW1 = 2.0 * d1[f"{P}.lora_B.weight"].astype(np.float64) @ d1[f"{P}.lora_A.weight"]
+    m = d1[f"{P}.lora_magnitude_vector"].astype(np.float64)
+    want = (m / np.linalg.norm(W + dW1, axis=1))[:, None] * (W + dW0 + dW1)   # PEFT 0.21's merge
+    wrong = (m / np.linalg.norm(W + dW0 + dW1, axis=1))[:, None] * (W + dW0 + dW1)
+    got = load_file(tmp_path / "m" / "model.safetensors")[f"{key}.weight"]
+    assert np.abs(got - want).max() < 1e-5 < np.abs(got - wrong).max()
+
+
+# ---------------------------------------------------------------- values a merge must refuse
+def test_bias_merge_that_overflows_or_carries_nan_is_refused(models, tmp_path):
+    rng = np.random.default_rng(0)
+    base = load_file(models / "base" / "model.safetensors")
+    base["model.layers.0.self_attn.q_proj.bias"] = np.zeros(32, np.float32)
+    os.makedirs(tmp_path / "b")
+    save_file(base, tmp_path / "b" / "model.safetensors")
+    for value in (np.nan, 3e38):
+        m = LoraModule("model.layers.0.self_attn.q_proj", A=rng.standard_normal((4, 32), dtype=np.float32),
+                       B=rng.standard_normal((32, 4), dtype=np.float32), bias=np.full(32, value, np.float32))
+        ad = _adapter(tmp_path / f"ad{value}", {"lora_bias": True}, [m])
+        _expect_error(["merge", tmp_path / "b", ad, "-o", tmp_path / "o"], str(tmp_path / "o"), [tmp_path / "b"],
+                      "NaN/inf values in the bias")
+
+
+def test_float64_and_float8_bases_need_a_dtype(models, tmp_path):
+    base = load_file(models / "base" / "model.safetensors")
+    base["model.layers.0.self_attn.q_proj.weight"] = base["model.layers.0.self_attn.q_proj.weight"].astype(np.float64)
+    save_file(base, tmp_path / "f64.safetensors")
+    _expect_error(["merge", tmp_path / "f64.safetensors", models / "adapter", "-o", tmp_path / "o.safetensors"],
+                  str(tmp_path / "o.safetensors"), [tmp_path / "f64.safetensors"], "is float64; merging needs")
+    assert run("merge", tmp_path / "f64.safetensors", models / "adapter", "-o", tmp_path / "o.safetensors",
+               "--dtype", "float32", "-q")[0] == 0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lora_alpha", "8", "lora_alpha must be a number, got '8'"),
+    ("lora_alpha", None, "lora_alpha must be a number"),
+    ("r", "4", "r must be a positive integer"),
+    ("rank_pattern", {"q_proj[": 4}, "is not a regular expression"),
+    ("alpha_pattern", {"q_proj": "x"}, "alpha_pattern['q_proj'] must be a number"),
+    ("use_rslora", "yes", "use_rslora must be true or false"),
+    ("trainable_token_indices", [1, 2], "trainable tokens adapters are not supported"),
+    ("alora_invocation_tokens", [5], "aLoRA"),
+    ("layer_replication", [[0, 1]], "layer replication"),
+    ("init_lora_weights", "pissa_niter_4", "path_initial_model_for_weight_conversion"),
+    ("init_lora_weights", "olora", "changed the base weights"),
+])
+def test_malformed_or_unsupported_configs_are_one_line_errors(models, tmp_path, field, value, message):
+    write_lora_adapter(tmp_path / "ad", CONFIG, rank=4, targets=("q_proj",))
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    cfg[field] = value
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
+    _expect_error(["merge", models / "base", tmp_path / "ad", "-o", tmp_path / "o"], str(tmp_path / "o"),
+                  [models / "base"], message)
+
+
+def test_config_that_is_not_utf8_and_unknown_adapter_tensors(models, tmp_path):
+    write_lora_adapter(tmp_path / "ad", CONFIG, rank=4, targets=("q_proj",))
+    (tmp_path / "ad" / "adapter_config.json").write_bytes(b'{"r": 4, "name": "\xff"}')
+    _expect_error(["merge", models / "base", tmp_path / "ad", "-o", tmp_path / "o"], str(tmp_path / "o"),
+                  [models / "base"], "not valid JSON")
+    m = LoraModule("model.layers.0.self_attn.q_proj", A=np.ones((4, 32), np.float32), B=np.ones((32, 4), np.float32))
+    ad = _adapter(tmp_path / "kasa", {}, [m], {"model.layers.0.self_attn.q_proj.lora_diag": np.ones(4, np.float32)})
+    _expect_error(["merge", models / "base", ad, "-o", tmp_path / "o"], str(tmp_path / "o"), [models / "base"],
+                  "neither a LoRA tensor nor a tensor of the base")
+
+
+# ---------------------------------------------------------------- what the output folder says
+def test_dtype_option_updates_config_and_the_report_counts_written_bytes(tmp_path):
+    write_llama_checkpoint(tmp_path / "b", CONFIG, seed=0, max_shard_bytes=12_000)
+    write_lora_adapter(tmp_path / "ad", CONFIG, rank=4, targets=("q_proj",))
+    index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())
+    index["metadata"]["total_parameters"] = 123
+    (tmp_path / "b" / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "b" / "modeling_custom.py").write_text("# trust_remote_code\n")
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    code, out, err = run("merge", tmp_path / "b", tmp_path / "ad", "-o", tmp_path / "m", "--dtype", "float16", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    written = sum(os.path.getsize(tmp_path / "m" / f) for f in os.listdir(tmp_path / "m") if f.endswith(".safetensors"))
+    assert report["totals"]["bytes"] == sum(r["bytes"] for r in report["tensors"])
+    assert 0 < written - report["totals"]["bytes"] < 4096 * len(index["weight_map"])   # + headers
+    new_config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert new_config["torch_dtype" if "torch_dtype" in config else "dtype"] == "float16"
+    new_index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert new_index["metadata"] == {"total_parameters": 123, "total_size": report["totals"]["bytes"]}
+    assert (tmp_path / "m" / "modeling_custom.py").read_text() == "# trust_remote_code\n"

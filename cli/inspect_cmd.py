@@ -46,4 +46,6 @@ def inspect(path, tensors, as_json):
                        f"scale={m['scale']:<8.4g} A{tuple(m['A'])} B{tuple(m['B'])}{extra}")
     if info["full_tensors"]:
         click.echo(f"modules_to_save: {', '.join(info['full_tensors'])}")
+    if info["saved_base_tensors"]:
+        click.echo(f"saved copies of base tensors (not trained): {', '.join(info['saved_base_tensors'])}")
     click.echo(f"total: {len(info['modules'])} modules, {info['parameters']:,} trainable parameters")

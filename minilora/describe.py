@@ -62,9 +62,10 @@ def describe_adapter(path):
                         "A": list(m.A.shape), "B": list(m.B.shape), "dtype": str(m.A.dtype),
                         "dora": m.magnitude is not None, "bias": m.bias is not None,
                         "parameters": int(count)})
-    trainable += sum(t.size for t in adapter.full_tensors.values())
+    trainable += sum(t.size for k, t in adapter.full_tensors.items() if k not in adapter.saved_base)
     keep = ("r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "target_modules",
             "rank_pattern", "alpha_pattern", "modules_to_save", "base_model_name_or_path", "task_type")
     return {"kind": "adapter", "path": adapter.path, "config": {k: cfg.get(k) for k in keep},
             "modules": modules, "targets": sorted({m["module"].rsplit(".", 1)[-1] for m in modules}),
-            "full_tensors": sorted(adapter.full_tensors), "parameters": int(trainable)}
+            "full_tensors": sorted(set(adapter.full_tensors) - adapter.saved_base),
+            "saved_base_tensors": sorted(adapter.saved_base), "parameters": int(trainable)}

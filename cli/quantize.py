@@ -24,8 +24,9 @@ from .common import force_option, human_bytes, json_option, print_json, quiet_op
 def quantize(model, output, blocksize, double_quant, quant_type, include, exclude, force, as_json, quiet):
     """Quantise a Hugging Face model folder to NF4, in the layout transformers + bitsandbytes load.
 
-    By default the Linear weights of the decoder blocks are quantised; embeddings, norms and
-    lm_head keep their dtype. Tokenizer files are copied; config.json gets quantization_config.
+    By default the Linear weights of the decoder blocks are quantised; embeddings, norms,
+    lm_head, MoE experts and routers keep their dtype. Tokenizer files are copied; config.json gets
+    quantization_config, whose llm_int8_skip_modules lists every Linear kept in float.
 
     \b
     Example:
@@ -36,9 +37,13 @@ def quantize(model, output, blocksize, double_quant, quant_type, include, exclud
     if as_json:
         return print_json(report)
     t = report["totals"]
+    error = "n/a" if t["max_abs_error"] is None else f"{t['max_abs_error']:.3g}"
     click.echo(f"quantised {t['quantized']} of {t['tensors']} tensors to {quant_type} (blocksize {blocksize}, "
                f"double quant {'on' if double_quant else 'off'}): {human_bytes(t['bytes_before'])} -> "
-               f"{human_bytes(t['bytes_after'])}, max |error| {t['max_abs_error']:.3g}; wrote {report['output']}")
+               f"{human_bytes(t['bytes_after'])}, max |error| {error}; wrote {report['output']}")
+    if t["non_finite_tensors"]:
+        click.echo(f"warning: {t['non_finite_tensors']} quantised tensor(s) hold NaN/inf weights (their blocks "
+                   f"dequantise to NaN; error not measured: see 'non_finite' in --json)", err=True)
 
 
 @click.command()

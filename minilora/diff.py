@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from minilora import lora, native, nf4, testing
+from minilora import architectures, lora, native, nf4, testing
 from minilora.checkpoint import Checkpoint, load_adapter
 from minilora.describe import is_adapter
 from minilora.dtypes import is_float
@@ -60,6 +60,16 @@ class Source:
         if name in self.quantized:
             return read_state(self._ckpt, name)
         return self._ckpt.get(name)
+
+    def float_layout(self, name, x):
+        """``x`` as a float array in the model's own layout: bitsandbytes stores a GPT-2 Conv1D weight
+        ``(N, K)``, the float checkpoint ``(K, N)`` (``minilora.architectures``)."""
+        if not isinstance(x, nf4.QuantState):
+            return x
+        x = _as_float(x)
+        if self._ckpt is not None and architectures.is_conv1d(self._ckpt.config, name[: -len(".weight")]):
+            x = np.ascontiguousarray(x.T)
+        return x
 
     def close(self):
         if self._ckpt is not None:
@@ -151,6 +161,8 @@ def diff(path_a, path_b, rtol=0.0, atol=0.0, bound=None, x=None, w=None, delta=F
             if names and name not in names:
                 continue
             ta, tb = a.get(name), b.get(name)
+            if isinstance(ta, nf4.QuantState) != isinstance(tb, nf4.QuantState):  # 4-bit vs float
+                ta, tb = a.float_layout(name, ta), b.float_layout(name, tb)
             limit = None
             if matmul is not None:
                 ref = _as_float(tb)

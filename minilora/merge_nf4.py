@@ -5,6 +5,10 @@ Without ``requantize`` the output is a plain float checkpoint (every 4-bit weigh
 ``quantization_config`` dropped). With ``requantize`` the merged weights are quantised again with
 the same blocksize, type and double quantisation, and everything else is copied byte for byte.
 
+4-bit weights are ``(N, K)`` whatever the layer (bitsandbytes stores GPT-2's Conv1D weights transposed);
+a Conv1D weight dequantised into the float output goes back to Conv1D's ``(K, N)`` (``minilora.architectures``).
+Re-quantised packed codes are stored in the dtype the input used (``bnb_4bit_quant_storage``).
+
 Re-quantising is lossy: a delta smaller than half the gap between two NF4 levels × absmax vanishes.
 The report says how much of ΔW survived, per tensor: ``delta_rel_error = ‖(dequant(q(W')) − W) − ΔW‖
 / ‖ΔW‖`` and the share of codes that changed. QA-LoRA avoids this with a zero-point quantiser
@@ -15,12 +19,12 @@ import shutil
 
 import numpy as np
 
-from minilora import native
+from minilora import architectures, native
 from minilora.checkpoint import INDEX_NAME, write_json
 from minilora.dtypes import is_float
 from minilora.errors import InputError
 from minilora.merge import apply_patches, plan_patches
-from minilora.nf4_checkpoint import is_aux_key, quantized_weights, read_state, state_tensors
+from minilora.nf4_checkpoint import check_parts, is_aux_key, quantized_weights, read_state, state_tensors
 from minilora.output import staged_folder
 from minilora.progress import Progress
 from minilora.safetensors_io import SafetensorsAppender
@@ -31,7 +35,12 @@ def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign,
     """Merge ``adapters`` into the 4-bit checkpoint ``ckpt``; write the folder ``out``; return rows."""
     if ckpt.folder is None:
         raise InputError("a 4-bit base must be a model folder", ckpt.path)
+    if requantize and target is not None:
+        raise InputError(f"--dtype {np.dtype(target).name} does not apply with --requantize: re-quantised weights "
+                         f"keep the dtype recorded in their quant state and the other tensors are copied as they "
+                         f"are; drop --dtype, or leave out --requantize to get float weights", ckpt.path)
     quantized = quantized_weights(ckpt.keys())
+    check_parts(ckpt, quantized)
     states = {}
 
     def state(key):
@@ -45,7 +54,7 @@ def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign,
             return s.dtype, s.shape, int(np.prod(s.shape)) * s.dtype.itemsize
         return ckpt.info(key)
 
-    patches, full = plan_patches(ckpt, adapters, scale, sign, info)
+    patches, full = plan_patches(ckpt, adapters, scale, sign, info, linear_keys=set(quantized))
     if requantize and any(k not in quantized for k in patches):
         first = next(k for k in patches if k not in quantized)
         raise InputError("--requantize: the adapter also changes a tensor that is not 4-bit", ckpt.path, first)
@@ -100,7 +109,9 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
         row["max_abs_delta"] = float(np.abs(delta).max())
     if not requantize:
         out = W_new.astype(target) if target is not None else W_new
-        row["dtype"] = str(out.dtype)
+        if architectures.is_conv1d(ckpt.config, name[: -len(".weight")]):
+            out = np.ascontiguousarray(out.T)  # (K, N): Conv1D's own layout, as dequantize writes it
+        row.update(dtype=str(out.dtype), shape=list(out.shape))
         return [(name, out, row)]
     new = native.for_quant_type(st.quant_type).quantize(W_new, st.blocksize, st.nested_codes is not None, st.quant_type)
     realised = native.for_quant_type(st.quant_type).dequantize(new, np.float32).astype(np.float64) - W.astype(np.float64)
@@ -108,7 +119,8 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
     row.update(dtype=f"{st.quant_type} (re-quantised)",
                delta_rel_error=float(np.linalg.norm(realised - delta) / norm) if norm else 0.0,
                codes_changed=_codes_changed(new.packed, st.packed, int(np.prod(st.shape))))
-    return [(k, v, row if k == name else None) for k, v in state_tensors(name, new)]
+    storage = reader.info(name)[0]  # bitsandbytes' quant_storage: uint8, or e.g. bfloat16 holding the same bytes
+    return [(k, v, row if k == name else None) for k, v in state_tensors(name, new, storage)]
 
 
 def _codes_changed(a, b, n):

@@ -3,8 +3,13 @@ and ``dequantize`` (such a checkpoint, ours or bitsandbytes', → a plain float 
 
 Shard by shard, tensor by tensor: peak memory is O(largest tensor). By default only the Linear
 weights inside the decoder blocks (``model.layers.N.…``) are quantised; embeddings, norms and
-``lm_head`` keep their dtype, as transformers' bitsandbytes integration does. The output folder
-appears atomically (``minilora.output``).
+``lm_head`` keep their dtype, as transformers' bitsandbytes integration does, and so do the 2-D weights
+that transformers 5 holds in no ``nn.Linear`` or keeps in float (``not_linear``: embeddings, MoE
+experts and routers, T5's ``wo``).
+Every module left in float is named in ``llm_int8_skip_modules``, so transformers converts exactly the
+quantised ones. GPT-2-style ``Conv1D`` weights (``minilora.architectures``) are stored ``(in, out)`` and
+quantised transposed, ``(out, in)``, as transformers does; ``dequantize`` transposes them back. The
+output folder appears atomically (``minilora.output``).
 """
 import fnmatch
 import os
@@ -14,38 +19,116 @@ import time
 
 import numpy as np
 
-from minilora import native, nf4
+from minilora import architectures, native, nf4
 from minilora.checkpoint import INDEX_NAME, Checkpoint, write_json
 from minilora.dtypes import dtype_from_name, is_float
 from minilora.errors import InputError
-from minilora.nf4_checkpoint import (is_aux_key, quantization_config, quantized_weights, read_state,
-                                     state_tensors)
+from minilora.nf4_checkpoint import (check_parts, is_aux_key, quantization_config, quantized_weights,
+                                     read_state, skip_list, skipped_by, state_tensors)
 from minilora.output import check_output, staged_folder
 from minilora.progress import Progress
 from minilora.safetensors_io import SafetensorsAppender
 
 BLOCK_RE = re.compile(r"(^|\.)(layers|h|layer|blocks|block)\.\d+\.")
 SKIP_PARTS = ("norm", "embed", "ln_", "lm_head", "wte", "wpe")
+# Leaf names of nn.Embedding modules in transformers (T5's relative_attention_bias sits inside the blocks).
+EMBEDDINGS = ("embed_tokens", "embed_positions", "word_embeddings", "position_embeddings", "token_type_embeddings",
+              "wte", "wpe", "shared", "relative_attention_bias", "global_relative_attention_bias")
+EXPERT_RE = re.compile(r"\.experts\.\d+\.")  # one expert's weights in a MoE layer: experts.3.w1, experts.3.up_proj
+ROUTERS = ("gate", "router")
+# Linear layers that transformers 5.23 never converts to Linear4bit: the model class's _keep_in_fp32_modules
+# (matched like llm_int8_skip_modules), by config.json model_type. Entries that name no Linear (norms,
+# query_tokens) are left out.
+KEEP_FLOAT = {
+    **dict.fromkeys(("t5", "mt5", "umt5", "udop", "pop2piano"), ("wo",)),
+    "blip-2": ("qformer",),
+    **dict.fromkeys(("deepseek_v32", "glm_moe_dsa", "mistral_large4", "axk2"), ("indexer.weights_proj",)),
+    "deepseek_v4": ("self_attn.compressor.kv_proj", "self_attn.compressor.gate_proj",
+                    "self_attn.compressor.indexer.kv_proj", "self_attn.compressor.indexer.gate_proj",
+                    "self_attn.compressor.indexer.scorer.weights_proj"),
+}
+# Output layers that transformers ties to the input embedding (then absent from the checkpoint) -> the tensor
+# that shows the model has that head (None: assume it). transformers skips them by default, but not once
+# llm_int8_skip_modules is set.
+TIED_OUTPUTS = {"lm_head": None, "cls.predictions.decoder": "cls.predictions.bias",   # BERT-family MLM
+                "lm_head.decoder": "lm_head.bias", "generator_lm_head": "generator_lm_head.bias"}  # RoBERTa, ELECTRA
+QUANTIZABLE = tuple(np.dtype(t) for t in (np.float32, np.float16)) + (dtype_from_name("bfloat16"),)
 
 
+def keep_float(config):
+    """``(model_type, pattern)`` of the modules transformers keeps in float for this config and its
+    sub-configs (a composite model, e.g. BLIP-2 with a T5 language model, merges its parts' lists)."""
+    configs = [config] + [v for v in (config or {}).values() if isinstance(v, dict)]
+    return [(t, p) for c in configs for t in [architectures.model_type(c)] for p in KEEP_FLOAT.get(t, ())]
+
+
+def not_linear(module, moe_layers, keep=()):
+    """Why transformers 5 + bitsandbytes cannot load ``module`` quantised (it is no ``nn.Linear`` there,
+    or one that transformers keeps in float), or None. ``moe_layers``: the names ``P`` of the
+    checkpoint's ``P.experts.…`` tensors; ``keep``: ``keep_float(config)``."""
+    parent, _, leaf = module.rpartition(".")
+    if leaf in EMBEDDINGS:
+        return "an embedding (nn.Embedding in transformers), which bitsandbytes does not quantise"
+    if EXPERT_RE.search(module + "."):
+        return ("a weight of one MoE expert: transformers 5 fuses the experts into 3-D tensors, which "
+                "bitsandbytes does not quantise")
+    if leaf in ROUTERS and parent in moe_layers:
+        return ("the router of a MoE layer: transformers 5 holds it as a plain parameter, which bitsandbytes "
+                "does not quantise")
+    for model_type, pattern in keep:
+        if skipped_by(pattern, module):
+            return f"a layer that transformers keeps in float for {model_type} (_keep_in_fp32_modules {pattern!r})"
+    return None
 
 
 def select_weights(ckpt, include=(), exclude=()):
-    """Weight keys to quantise: 2-D float ``*.weight`` in decoder blocks, or the modules matching
-    the ``include`` globs; minus those matching ``exclude``. Globs match the module name."""
+    """Weight keys to quantise: 2-D float ``*.weight`` of Linear layers in decoder blocks, or the modules
+    matching the ``include`` globs; minus those matching ``exclude``, and minus empty weights (nothing to
+    quantise). Globs match the module name. An included module that transformers holds in no Linear
+    (``not_linear``) is refused."""
+    moe_layers = {k.split(".experts.")[0] for k in ckpt.keys() if ".experts." in k}
+    keep = keep_float(ckpt.config)
     chosen = []
     for key in ckpt.keys():
         dtype, shape, _ = ckpt.info(key)
         if not key.endswith(".weight") or len(shape) != 2 or not is_float(dtype):
             continue
         module = key[: -len(".weight")]
+        if any(fnmatch.fnmatchcase(module, g) for g in exclude):
+            continue
+        reason = not_linear(module, moe_layers, keep)
         if include:
-            keep = any(fnmatch.fnmatchcase(module, g) for g in include)
-        else:
-            keep = bool(BLOCK_RE.search(key)) and not any(p in module for p in SKIP_PARTS)
-        if keep and not any(fnmatch.fnmatchcase(module, g) for g in exclude):
+            glob = next((g for g in include if fnmatch.fnmatchcase(module, g)), None)
+            if glob is None:
+                continue
+            if reason:
+                raise InputError(f"--include {glob!r} matches {module}, {reason}: transformers could not load "
+                                 f"the result (narrow the glob or add --exclude)", ckpt.path, key)
+        elif reason or not BLOCK_RE.search(key) or any(p in module for p in SKIP_PARTS):
+            continue
+        if 0 not in shape:
             chosen.append(key)
     return chosen
+
+
+def float_modules(ckpt, chosen):
+    """Modules whose 2-D float weight stays in float (transformers must not convert them), plus the output
+    layers tied to the input embedding, which have no tensor of their own (``TIED_OUTPUTS``). One MoE
+    expert's weights are no module in transformers 5: left out."""
+    kept = [k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight") and k not in chosen
+            and len(ckpt.info(k)[1]) == 2 and is_float(ckpt.info(k)[0]) and not EXPERT_RE.search(k)]
+    tied = [m for m, evidence in TIED_OUTPUTS.items() if f"{m}.weight" not in chosen
+            and (evidence is None or evidence in ckpt)]
+    return kept + tied
+
+
+def _check_dtypes(ckpt, chosen):
+    for key in chosen:
+        dtype = np.dtype(ckpt.info(key)[0])
+        if dtype not in QUANTIZABLE:
+            raise InputError(f"is {dtype}; bitsandbytes quantises only float32, float16 and bfloat16 weights "
+                             f"(transformers + bitsandbytes refuse a float64 checkpoint too): convert it to "
+                             f"float32 first, or keep it in float with --exclude", ckpt.path, key)
 
 
 def _shard_out(ckpt, out_folder):
@@ -78,8 +161,10 @@ def quantize_checkpoint(model, out, blocksize=nf4.DEFAULT_BLOCKSIZE, double_quan
             raise InputError("checkpoint is already 4-bit quantised", ckpt.path)
         chosen = set(select_weights(ckpt, include, exclude))
         if not chosen:
-            raise InputError("no Linear weights to quantise (no 2-D float *.weight in decoder blocks "
+            raise InputError("no Linear weights to quantise (no non-empty 2-D float *.weight in decoder blocks "
                              "matched; use --include)", ckpt.path)
+        _check_dtypes(ckpt, chosen)
+        skip = skip_list(float_modules(ckpt, chosen), [k[: -len(".weight")] for k in chosen])
         rows, weight_map, compute = [], {}, set()
         total = sum(ckpt.info(k)[2] for k in ckpt.keys())
         with staged_folder(out) as stage, Progress(total, "quantize", enabled=not quiet) as progress:
@@ -91,11 +176,7 @@ def quantize_checkpoint(model, out, blocksize=nf4.DEFAULT_BLOCKSIZE, double_quan
                                "bytes_before": x.nbytes, "quantized": name in chosen}
                         if name in chosen:
                             compute.add(str(x.dtype))
-                            state = native.for_quant_type(quant_type).quantize(x, blocksize, double_quant, quant_type)
-                            err = native.for_quant_type(quant_type).dequantize(state, np.float32).astype(np.float64) - x.astype(np.float64)
-                            row.update(max_abs_error=float(np.abs(err).max()),
-                                       rms_error=float(np.sqrt(np.mean(err * err))))
-                            parts = state_tensors(name, state)
+                            parts = _quantize_one(ckpt, name, x, blocksize, double_quant, quant_type, row)
                         else:
                             parts = [(name, x)]
                         for key, value in parts:
@@ -106,15 +187,35 @@ def quantize_checkpoint(model, out, blocksize=nf4.DEFAULT_BLOCKSIZE, double_quan
                         progress.update(x.nbytes, name)
             after = sum(r["bytes_after"] for r in rows)
             qc = quantization_config(double_quant, sorted(compute)[0] if len(compute) == 1 else "float32",
-                                     quant_type)
+                                     quant_type, skip)
             _finish_folder(ckpt, stage, weight_map, after, lambda c: c.update(quantization_config=qc))
     before = sum(r["bytes_before"] for r in rows)
     q = [r for r in rows if r["quantized"]]
+    measured = [r["max_abs_error"] for r in q if r["max_abs_error"] is not None]
     return {"input": ckpt.path, "output": out, "operation": "quantize", "quant_type": quant_type,
             "blocksize": blocksize, "double_quant": double_quant, "tensors": rows,
             "totals": {"tensors": len(rows), "quantized": len(q), "bytes_before": before,
-                       "bytes_after": after, "max_abs_error": max(r["max_abs_error"] for r in q),
+                       "bytes_after": after, "max_abs_error": max(measured, default=None),
+                       "non_finite_tensors": len(q) - len(measured), "skipped_modules": skip,
                        "seconds": round(time.perf_counter() - t0, 3)}}
+
+
+def _quantize_one(ckpt, name, x, blocksize, double_quant, quant_type, row):
+    """The output tensors of one chosen weight; fills the report ``row``. A Conv1D weight ``(K, N)`` is
+    quantised as ``(N, K)``, like transformers' ``Bnb4bitQuantize``. A weight holding NaN / inf gets no
+    error figures (they would be NaN) but its count of non-finite values."""
+    if architectures.is_conv1d(ckpt.config, name[: -len(".weight")]):
+        x = np.ascontiguousarray(x.T)  # (N, K)
+        row["transposed"] = True
+    backend = native.for_quant_type(quant_type)
+    state = backend.quantize(x, blocksize, double_quant, quant_type)
+    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        row.update(max_abs_error=None, rms_error=None, non_finite=bad)
+    else:
+        err = backend.dequantize(state, np.float32).astype(np.float64) - x.astype(np.float64)
+        row.update(max_abs_error=float(np.abs(err).max()), rms_error=float(np.sqrt(np.mean(err * err))))
+    return state_tensors(name, state)
 
 
 def dequantize_checkpoint(src, out, dtype=None, force=False, quiet=True):
@@ -130,6 +231,7 @@ def dequantize_checkpoint(src, out, dtype=None, force=False, quiet=True):
         quantized = quantized_weights(ckpt.keys())
         if not quantized:
             raise InputError("checkpoint has no bitsandbytes 4-bit weights", ckpt.path)
+        check_parts(ckpt, quantized)
         rows, weight_map = [], {}
         total = sum(ckpt.info(k)[2] for k in ckpt.keys())
         with staged_folder(out) as stage, Progress(total, "dequantize", enabled=not quiet) as progress:
@@ -141,7 +243,9 @@ def dequantize_checkpoint(src, out, dtype=None, force=False, quiet=True):
                             continue
                         if name in quantized:
                             state = read_state(ckpt, name)
-                            x = native.for_quant_type(state.quant_type).dequantize(state, target)
+                            x = native.for_quant_type(state.quant_type).dequantize(state, target)  # (N, K)
+                            if architectures.is_conv1d(ckpt.config, name[: -len(".weight")]):
+                                x = np.ascontiguousarray(x.T)  # (K, N): Conv1D's own layout
                         else:
                             x = reader.get(name)
                             x = x.astype(target) if target is not None and is_float(x.dtype) else x

@@ -100,7 +100,8 @@ from minilora.cli.main import main
 sys.argv = ["minilora", "merge", {str(models / 'base')!r}, {str(models / 'adapter')!r}, "-o", {str(tmp_path / 'o')!r}]
 main()
 """
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    # (cwd: not the checkout, whose cli/ folder is installed as minilora.cli but is not one in the source tree)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 128 + signal.SIGTERM, p.stderr
     assert "terminated (SIGTERM); no output was written" in p.stderr and "Traceback" not in p.stderr
     assert os.listdir(tmp_path) == []

@@ -96,7 +96,7 @@ def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None, target=None, lin
             dtype, shape, _ = info(key)
             if not is_float(dtype):
                 raise InputError(f"base tensor {key} is {dtype}, not a float weight", ckpt.path, key)
-            if np.dtype(target or dtype) not in MERGE_DTYPES:
+            if np.dtype(target if target is not None else dtype) not in MERGE_DTYPES:
                 raise InputError(f"base tensor {key} is {dtype}; merging needs float32, float16 or bfloat16 "
                                  f"(choose one with --dtype)", ckpt.path, key)
             r, alpha = lora.module_rank_alpha(name, cfg.get("r", 8), cfg.get("lora_alpha", 8),

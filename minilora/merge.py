@@ -336,29 +336,46 @@ def _row(reader, name, patches, out_dtype, replacement=None):
 def _process(reader, name, W, patches, replacement, out_dtype, sign, owned=False):
     """The report row of one tensor, with the tensor to write under ``"_array"``. ``owned``: W is a
     buffer of ours (not the caller's), so a single LoRA merge may run in place. ``replacement``: an adapter
-    tensor that replaces W before merging; when unmerging, a saved copy of the base *is* the result."""
+    tensor that replaces W before merging; when unmerging, a saved copy of the base *is* the result.
+    With ``--dtype`` (``out_dtype`` ≠ W's) a patched tensor is merged in float32 from W's own values and
+    converted once at the end (PEFT merging in float32, then ``.to(dtype)``); others are just converted."""
     row = _row(reader, name, patches, out_dtype, replacement)
     if replacement is not None and sign > 0:
         W, owned = replacement.value, False
-    if is_float(W.dtype) and W.dtype != out_dtype:
+    convert = is_float(W.dtype) and W.dtype != out_dtype
+    if convert and not patches:
         W, owned = W.astype(out_dtype), True
+    elif convert:
+        W, owned = W.astype(np.float32), True  # exact: float16 / bfloat16 / float32 -> float32
     W0 = W
     if replacement is not None and sign < 0:  # the adapter holds the base values: no subtraction needed
-        W = replacement.value.astype(out_dtype) if is_float(out_dtype) else replacement.value
+        W = replacement.value.astype(W0.dtype) if is_float(W0.dtype) else replacement.value
         max_delta = float(np.max(np.abs(W.astype(np.float32) - W0.astype(np.float32)), initial=0.0))
     else:
         inplace = owned and sign > 0 and len(patches) == 1
         W, max_delta = apply_patches(W, patches, sign, reader.path, name, inplace=inplace)
-    if patches or replacement is not None:
-        row["max_abs_delta"] = max_delta
     if patches and sign < 0:  # honest round trip: merging the result again, how far from the input are we?
         again = apply_patches(W, patches, +1, reader.path, name)[0]
-        bits = f"u{W0.dtype.itemsize}"
-        same = again.view(bits) == W0.view(bits)
-        row["roundtrip_max_abs_error"] = float(np.abs(again.astype(np.float64) - W0.astype(np.float64)).max())
+        a, b = (_to(again, out_dtype), _to(W0, out_dtype)) if convert else (again, W0)
+        same = a.view(f"u{a.dtype.itemsize}") == b.view(f"u{b.dtype.itemsize}")
+        row["roundtrip_max_abs_error"] = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
         row["roundtrip_bit_exact_fraction"] = float(same.mean()) if same.size else 1.0
+    if convert and patches:
+        out = _to(W, out_dtype)
+        try:
+            _check_new_nonfinite(out, W, "converting the merge to --dtype", "weights")
+        except ValueError as e:
+            raise InputError(str(e), reader.path, name) from None
+        W = out
+    if patches or replacement is not None:
+        row["max_abs_delta"] = max_delta
     row["_array"] = W
     return row
+
+
+def _to(W, dtype):
+    with np.errstate(over="ignore"):  # overflow is checked by the caller
+        return W.astype(dtype)
 
 
 def _copy_extras(ckpt, stage, rows, target=None):

@@ -289,3 +289,27 @@ def test_dtype_option_updates_config_and_the_report_counts_written_bytes(tmp_pat
     new_index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
     assert new_index["metadata"] == {"total_parameters": 123, "total_size": report["totals"]["bytes"]}
     assert (tmp_path / "m" / "modeling_custom.py").read_text() == "# trust_remote_code\n"
+
+
+def test_dtype_merges_from_the_base_values_and_converts_once(tmp_path):
+    """--dtype bfloat16 on a float32 base: merged in float32 from W itself, then converted once (PEFT merging in
+    float32 and then .to(bfloat16)) — not round(round(W) + ΔW)."""
+    config = llama_config(hidden=32, intermediate=64, layers=1, heads=4, kv_heads=2, vocab=64, dtype="float32")
+    write_llama_checkpoint(tmp_path / "b", config, seed=0)
+    write_lora_adapter(tmp_path / "ad", config, rank=4, alpha=8, targets=("q_proj",), seed=1, std=0.2)
+    assert run("merge", tmp_path / "b", tmp_path / "ad", "-o", tmp_path / "m", "--dtype", "bfloat16", "-q")[0] == 0
+    base, ad = load_file(tmp_path / "b" / "model.safetensors"), load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    key, P = "model.layers.0.self_attn.q_proj", "base_model.model.model.layers.0.self_attn.q_proj"
+    W = base[f"{key}.weight"] * np.float32(400)  # (big weights: many bf16 roundings differ between the two orders)
+    base[f"{key}.weight"] = W
+    save_file(base, tmp_path / "b" / "model.safetensors")
+    assert run("merge", tmp_path / "b", tmp_path / "ad", "-o", tmp_path / "m", "--dtype", "bfloat16", "-q",
+               "--force")[0] == 0
+    got = load_file(tmp_path / "m" / "model.safetensors")[f"{key}.weight"]
+    A, B = ad[f"{P}.lora_A.weight"], ad[f"{P}.lora_B.weight"]
+    want = lora.merge_weight(W, A, B, 2.0).astype(got.dtype)                  # float32 merge, one conversion
+    twice = lora.merge_weight(W.astype(got.dtype), A, B, 2.0)                 # the old order
+    assert got.tobytes() == want.tobytes() and got.tobytes() != twice.tobytes()
+    for k, v in load_file(tmp_path / "m" / "model.safetensors").items():
+        if k != f"{key}.weight":
+            assert v.tobytes() == base[k].astype(got.dtype).tobytes(), k

@@ -90,9 +90,15 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
     """The output tensors ``[(key, array, row)]`` for the input tensor ``name``."""
     todo = patches.get(name, [])
     if name not in quantized:
-        x = full[name] if name in full else reader.get(name)
+        replacement = full.get(name)
+        x = replacement.value if replacement is not None else reader.get(name)
+        if replacement is not None and replacement.saved_base and sign < 0:
+            todo = []  # unmerging: the saved copy is the base itself
+        convert = target is not None and not requantize and is_float(x.dtype) and x.dtype != target
+        if convert and todo:
+            x = x.astype(np.float32)  # merge in float32, convert once (as merge.py does)
         x = apply_patches(x, todo, sign, reader.path, name)[0] if todo else x
-        if target is not None and not requantize and is_float(x.dtype):
+        if convert:
             x = x.astype(target)
         return [(name, x, {"name": name, "dtype": str(x.dtype), "shape": list(x.shape),
                            "bytes": x.nbytes, "adapters": [p.adapter for p in todo],
@@ -101,6 +107,8 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
     if requantize and not todo:
         return [(name, reader.get(name), None)]
     W = native.for_quant_type(st.quant_type).dequantize(st)                   # bit-exact with bitsandbytes
+    if target is not None and not requantize and todo and W.dtype != target:
+        W = W.astype(np.float32)  # merge in float32, convert once to --dtype (as merge.py does)
     W_new, _ = apply_patches(W, todo, sign, reader.path, name)
     row = {"name": name, "shape": list(st.shape), "adapters": [p.adapter for p in todo],
            "scale": [p.s for p in todo], "bytes": W.nbytes}

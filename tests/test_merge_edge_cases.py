@@ -313,3 +313,22 @@ def test_dtype_merges_from_the_base_values_and_converts_once(tmp_path):
     for k, v in load_file(tmp_path / "m" / "model.safetensors").items():
         if k != f"{key}.weight":
             assert v.tobytes() == base[k].astype(got.dtype).tobytes(), k
+
+
+def test_nf4_base_with_modules_to_save_and_dtype(models, tmp_path):
+    """An adapter with modules_to_save merged into a 4-bit base: the replaced tensor is the adapter's; with
+    --dtype the 4-bit weights are merged in float32 from their dequantised values and converted once."""
+    assert run("quantize", models / "base", "-o", tmp_path / "q", "-q")[0] == 0
+    base = load_file(models / "base" / "model.safetensors")
+    head = (base["lm_head.weight"].astype(np.float32) + np.float32(0.25)).astype(base["lm_head.weight"].dtype)
+    rng = np.random.default_rng(4)
+    m = LoraModule("model.layers.0.self_attn.q_proj", A=rng.standard_normal((4, 32), dtype=np.float32),
+                   B=rng.standard_normal((32, 4), dtype=np.float32))
+    ad = _adapter(tmp_path / "ad", {"modules_to_save": ["lm_head"]}, [m], {"lm_head.weight": head})
+    assert run("merge", tmp_path / "q", ad, "-o", tmp_path / "m", "-q", "--dtype", "float32")[0] == 0
+    assert run("dequantize", tmp_path / "q", "-o", tmp_path / "dq", "-q")[0] == 0
+    merged, dq = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "dq" / "model.safetensors")
+    assert merged["lm_head.weight"].tobytes() == head.astype(np.float32).tobytes()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    want = lora.merge_weight(dq[key].astype(np.float32), m.A, m.B, 2.0)
+    assert merged[key].dtype == np.float32 and merged[key].tobytes() == want.tobytes()

@@ -32,11 +32,14 @@ def _summary(report):
 @click.option("--dtype", type=_DTYPES, default=None, help="Output dtype of float tensors (default: keep).")
 @click.option("--requantize", is_flag=True,
               help="4-bit base: quantise the merged weights again (lossy; the report says how much of ΔW survived).")
+@click.option("--merge-tied-embeddings", "tied_ok", is_flag=True,
+              help="Merge an embedding LoRA even where the output layer is tied to that embedding "
+                   "(tie_word_embeddings): the output layer changes too, as with PEFT's merge_and_unload.")
 @fsync_option
 @force_option
 @json_option
 @quiet_option
-def merge(base, adapters, output, scale, dtype, requantize, fsync, force, as_json, quiet):
+def merge(base, adapters, output, scale, dtype, requantize, tied_ok, fsync, force, as_json, quiet):
     """Merge one or more PEFT LoRA adapters into BASE: W' = W + scale·(alpha/r)·B A, one rounding.
 
     BASE is a .safetensors file, a sharded checkpoint folder or a model folder (also a 4-bit
@@ -49,7 +52,8 @@ def merge(base, adapters, output, scale, dtype, requantize, fsync, force, as_jso
       minilora merge ./Llama-3.2-1B ./my-adapter -o ./merged
     """
     report = merge_checkpoint(base, list(adapters), output, scale=scale, dtype=dtype, force=force,
-                              quiet=quiet or as_json, sign=+1, requantize=requantize, durable=fsync)
+                              quiet=quiet or as_json, sign=+1, requantize=requantize, durable=fsync,
+                              tied_ok=tied_ok)
     print_json(report) if as_json else _summary(report)
 
 

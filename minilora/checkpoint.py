@@ -297,6 +297,9 @@ def load_adapter(path):
     for m in adapter.modules.values():
         if m.A is None or m.B is None:
             raise InputError("module has only one of lora_A / lora_B", weights, m.name)
+        if m.A.ndim > 2 or m.B.ndim > 2:
+            raise InputError(f"lora_A {m.A.shape} / lora_B {m.B.shape} are convolution kernels: LoRA on Conv layers "
+                             f"is not supported", weights, m.name)
         if m.A.ndim != 2 or m.B.ndim != 2 or m.A.shape[0] != m.B.shape[1]:
             raise InputError(f"lora_A {m.A.shape} and lora_B {m.B.shape} do not share a rank",
                              weights, m.name)

@@ -77,12 +77,13 @@ def _check_new_nonfinite(out, W, verb, what):
                          f"from finite base values; the adapter or --scale is too large for {W.dtype}")
 
 
-def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None, target=None, linear_keys=()):
+def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None, target=None, linear_keys=(), tied_ok=False):
     """Map base tensor name → [Patch, ...] and check every adapter fits the base, before any I/O.
     Returns ``(patches, full)``: ``full`` maps a base key to the adapter tensor that replaces it.
     ``info(name) → (dtype, shape, nbytes)`` defaults to the file's; an NF4 base passes the logical one, and
     its 4-bit weights in ``linear_keys`` (bitsandbytes stores every layer, Conv1D too, as (N, K)).
-    ``target``: the output dtype (``--dtype``), which the merge runs in."""
+    ``target``: the output dtype (``--dtype``). ``tied_ok``: merge an embedding LoRA even where the base ties
+    its output layer to that embedding (``tied_output``)."""
     info = info or ckpt.info
     patches, full = {}, {}
     for adapter in adapters:
@@ -105,6 +106,12 @@ def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None, target=None, lin
                 raise InputError(f"lora_A has rank {m.A.shape[0]} but the config gives r={r} for this module",
                                  adapter.path, name)
             ffio = layouts[name]
+            if m.kind == "embedding" and sign > 0 and not tied_ok and not cfg.get("ensure_weight_tying") \
+                    and tied_output(ckpt.config, name):
+                raise InputError(f"the base ties its output layer to {key} (tie_word_embeddings): merging this "
+                                 f"embedding LoRA changes the output layer too, while the adapter model changes only "
+                                 f"the input embedding (PEFT's merge_and_unload does the same); pass "
+                                 f"--merge-tied-embeddings to merge anyway", adapter.path, name)
             try:
                 N, _, _ = lora.check_lora_shapes(np.empty(shapes[name], dtype=np.uint8), m.A, m.B, ffio)
             except ValueError as e:
@@ -188,13 +195,33 @@ def module_layouts(ckpt, adapter, shapes, linear_keys=()):
     return decided
 
 
+# Input embeddings that transformers ties to the output layer of a language-model head (tie_word_embeddings).
+TIED_INPUT_EMBEDDINGS = ("embed_tokens", "wte", "shared", "word_embeddings", "embed_in")
+LM_HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM", "WithLMHead")
+
+
+def tied_output(config, module):
+    """True if ``module`` is an input embedding that the model's output layer shares: the config (or its
+    text_config) ties word embeddings and its architecture has a language-model head."""
+    if not isinstance(config, dict) or module.rsplit(".", 1)[-1] not in TIED_INPUT_EMBEDDINGS:
+        return False
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+    heads = [a for a in config.get("architectures") or [] if isinstance(a, str) and a.endswith(LM_HEAD_CLASSES)]
+    return bool(tied) and bool(heads)
+
+
 def _missing_module_message(ckpt, name, key):
     config = ckpt.config or {}
     if config.get("tie_word_embeddings") and name.rsplit(".", 1)[-1] in ("lm_head", "embed_out"):
         return (f"the base has no {key}: its output layer is tied to the input embedding (tie_word_embeddings), "
                 f"and a LoRA on the tied {name} cannot be merged without untying them")
-    return f"adapter module {name} has no tensor {key} in the base checkpoint {ckpt.path} (an adapter for a " \
-           f"different model?)"
+    if name.rsplit(".", 1)[-1] == "embed_tokens" and "shared.weight" in ckpt:
+        return (f"the base has no {key}: it stores this embedding as shared.weight (encoder and decoder tied to "
+                f"it), and a LoRA on the tied {name} cannot be merged into it alone")
+    return (f"adapter module {name} has no tensor {key} in the base checkpoint {ckpt.path} (an adapter for a "
+            f"different model? or for module names that transformers 5 renames from the file's keys when "
+            f"loading, as for LLaVA-family, ViT and Mixtral checkpoints: minilora merges by the file's names)")
 
 
 def _layout(ckpt, out):
@@ -205,11 +232,12 @@ def _layout(ckpt, out):
 
 
 def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, quiet=True, sign=+1,
-                     requantize=False, durable=True):
+                     requantize=False, durable=True, tied_ok=False):
     """Merge (``sign=+1``) or unmerge (``sign=-1``) adapters into ``base``; write ``out``; return a
     report dict. ``base``: file or model folder; ``adapters``: paths of PEFT adapters. An NF4 base
     (bitsandbytes layout) is dequantised; ``requantize`` quantises the merged weights again.
-    ``durable``: fsync every output file before it is renamed into place (``SafetensorsWriter``)."""
+    ``durable``: fsync every output file before it is renamed into place (``SafetensorsWriter``).
+    ``tied_ok``: merge an embedding LoRA into an embedding the output layer is tied to (``plan_patches``)."""
     t0 = time.perf_counter()
     out = os.path.abspath(str(out))
     base_is_file = os.path.isfile(base)
@@ -224,11 +252,11 @@ def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, qu
         if quantized_weights(ckpt.keys()):
             from minilora.merge_nf4 import merge_quantized
 
-            rows = merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable)
+            rows = merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable, tied_ok)
             return _report(base, adapters, out, sign, rows, t0)
         if requantize:
             raise InputError("--requantize needs a 4-bit (bitsandbytes NF4/FP4) base", ckpt.path)
-        patches, full = plan_patches(ckpt, adapters, scale, sign, target=target)
+        patches, full = plan_patches(ckpt, adapters, scale, sign, target=target, tied_ok=tied_ok)
         single, shard_names = _layout(ckpt, out)
         if single:
             make_parent(out)

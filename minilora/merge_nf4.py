@@ -31,7 +31,7 @@ from minilora.safetensors_io import SafetensorsAppender
 
 
 
-def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable=True):
+def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable=True, tied_ok=False):
     """Merge ``adapters`` into the 4-bit checkpoint ``ckpt``; write the folder ``out``; return rows."""
     if ckpt.folder is None:
         raise InputError("a 4-bit base must be a model folder", ckpt.path)
@@ -54,7 +54,7 @@ def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign,
             return s.dtype, s.shape, int(np.prod(s.shape)) * s.dtype.itemsize
         return ckpt.info(key)
 
-    patches, full = plan_patches(ckpt, adapters, scale, sign, info, linear_keys=set(quantized))
+    patches, full = plan_patches(ckpt, adapters, scale, sign, info, linear_keys=set(quantized), tied_ok=tied_ok)
     if requantize and any(k not in quantized for k in patches):
         first = next(k for k in patches if k not in quantized)
         raise InputError("--requantize: the adapter also changes a tensor that is not 4-bit", ckpt.path, first)

@@ -332,3 +332,37 @@ def test_nf4_base_with_modules_to_save_and_dtype(models, tmp_path):
     key = "model.layers.0.self_attn.q_proj.weight"
     want = lora.merge_weight(dq[key].astype(np.float32), m.A, m.B, 2.0)
     assert merged[key].dtype == np.float32 and merged[key].tobytes() == want.tobytes()
+
+
+def test_embedding_lora_on_a_tied_embedding_needs_the_flag(tmp_path):
+    """With tie_word_embeddings the output layer is the input embedding: merging an embedding LoRA changes
+    both, while the adapter model changes only the input side. Refused unless asked for (PEFT merges it)."""
+    config = llama_config(hidden=32, intermediate=64, layers=1, heads=4, kv_heads=2, vocab=64, tie_word_embeddings=True)
+    write_llama_checkpoint(tmp_path / "tied", config, seed=0)
+    rng = np.random.default_rng(2)
+    m = LoraModule("model.embed_tokens", kind="embedding", A=rng.standard_normal((4, 64), dtype=np.float32),
+                   B=rng.standard_normal((32, 4), dtype=np.float32))
+    ad = _adapter(tmp_path / "ad", {"target_modules": ["embed_tokens"]}, [m])
+    _expect_error(["merge", tmp_path / "tied", ad, "-o", tmp_path / "o"], str(tmp_path / "o"), [tmp_path / "tied"],
+                  "--merge-tied-embeddings")
+    assert run("merge", tmp_path / "tied", ad, "-o", tmp_path / "o", "--merge-tied-embeddings", "-q")[0] == 0
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["ensure_weight_tying"] = True  # PEFT >= 0.18: the adapter applies to the tied output layer too
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    assert run("merge", tmp_path / "tied", ad, "-o", tmp_path / "o2", "-q")[0] == 0
+
+
+def test_conv_lora_and_a_shared_embedding_get_their_own_reasons(models, tmp_path):
+    conv = LoraModule("model.layers.0.self_attn.q_proj", A=np.ones((4, 3, 8, 8), np.float32),
+                      B=np.ones((32, 4, 1, 1), np.float32))
+    ad = _adapter(tmp_path / "conv", {}, [conv])
+    _expect_error(["merge", models / "base", ad, "-o", tmp_path / "o"], str(tmp_path / "o"), [models / "base"],
+                  "LoRA on Conv layers is not supported")
+    t5 = {"shared.weight": np.ones((64, 32), np.float32), "encoder.block.0.layer.0.SelfAttention.q.weight":
+          np.ones((32, 32), np.float32)}
+    save_file(t5, tmp_path / "t5.safetensors")
+    emb = LoraModule("encoder.embed_tokens", kind="embedding", A=np.ones((4, 64), np.float32),
+                     B=np.ones((32, 4), np.float32))
+    ad = _adapter(tmp_path / "t5ad", {}, [emb])
+    _expect_error(["merge", tmp_path / "t5.safetensors", ad, "-o", tmp_path / "o.safetensors"],
+                  str(tmp_path / "o.safetensors"), [tmp_path / "t5.safetensors"], "stores this embedding as shared.weight")

@@ -285,6 +285,9 @@ def load_adapter(path):
     with SafetensorsReader(weights) as f:
         for key in f.keys():
             module, role, is_embedding = _module_key(key)
+            if role is not None and ".base_layer." in key:
+                raise InputError(f"LoRA on several parameters of one module ({key.split('.base_layer.')[0]}; PEFT "
+                                 f"target_parameters, e.g. MoE experts) is not supported", weights, key)
             if role is None:
                 adapter.full_tensors[module] = f.get(key)
                 if is_embedding:  # (for a full tensor: a saved copy of the base weights)

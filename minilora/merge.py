@@ -216,6 +216,9 @@ def _missing_module_message(ckpt, name, key):
     if config.get("tie_word_embeddings") and name.rsplit(".", 1)[-1] in ("lm_head", "embed_out"):
         return (f"the base has no {key}: its output layer is tied to the input embedding (tie_word_embeddings), "
                 f"and a LoRA on the tied {name} cannot be merged without untying them")
+    if name.rsplit(".", 1)[-1] == "experts":
+        return (f"the base has no {key}: LoRA on MoE expert parameters (PEFT target_parameters on a 3-D "
+                f"experts tensor) is not supported")
     if name.rsplit(".", 1)[-1] == "embed_tokens" and "shared.weight" in ckpt:
         return (f"the base has no {key}: it stores this embedding as shared.weight (encoder and decoder tied to "
                 f"it), and a LoRA on the tied {name} cannot be merged into it alone")

@@ -366,3 +366,17 @@ def test_conv_lora_and_a_shared_embedding_get_their_own_reasons(models, tmp_path
     ad = _adapter(tmp_path / "t5ad", {}, [emb])
     _expect_error(["merge", tmp_path / "t5.safetensors", ad, "-o", tmp_path / "o.safetensors"],
                   str(tmp_path / "o.safetensors"), [tmp_path / "t5.safetensors"], "stores this embedding as shared.weight")
+
+
+def test_lora_on_moe_expert_parameters_is_refused_by_name(models, tmp_path):
+    """PEFT target_parameters on a fused 3-D experts tensor: nested wrappers (``experts.base_layer.lora_A``)."""
+    P = "base_model.model.model.layers.0.mlp.experts"
+    tensors = {f"{P}.base_layer.lora_A.weight": np.ones((4, 32), np.float32),
+               f"{P}.base_layer.lora_B.weight": np.ones((128, 4), np.float32),
+               f"{P}.lora_A.weight": np.ones((4, 64), np.float32), f"{P}.lora_B.weight": np.ones((32, 4), np.float32)}
+    os.makedirs(tmp_path / "ad")
+    save_file(tensors, tmp_path / "ad" / "adapter_model.safetensors")
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_parameters": ["gate_up_proj", "down_proj"]}))
+    _expect_error(["merge", models / "base", tmp_path / "ad", "-o", tmp_path / "o"], str(tmp_path / "o"),
+                  [models / "base"], "target_parameters, e.g. MoE experts) is not supported")

@@ -18,10 +18,14 @@ from .common import force_option, human_bytes, json_option, print_json, quiet_op
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Quantise the modules matching GLOB (e.g. 'model.layers.*.mlp.*') instead of the default.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep the modules matching GLOB in float.")
+@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="bnb_4bit_compute_dtype in quantization_config: the dtype transformers "
+              "computes the 4-bit layers in (float32 is BitsAndBytesConfig's default).")
 @force_option
 @json_option
 @quiet_option
-def quantize(model, output, blocksize, double_quant, quant_type, include, exclude, force, as_json, quiet):
+def quantize(model, output, blocksize, double_quant, quant_type, include, exclude, compute_dtype, force, as_json,
+             quiet):
     """Quantise a Hugging Face model folder to NF4, in the layout transformers + bitsandbytes load.
 
     By default the Linear weights of the decoder blocks are quantised; embeddings, norms,
@@ -33,7 +37,7 @@ def quantize(model, output, blocksize, double_quant, quant_type, include, exclud
       minilora quantize ./Llama-3.2-1B -o ./Llama-3.2-1B-nf4
     """
     report = quantize_checkpoint(model, output, int(blocksize), double_quant, quant_type, include, exclude,
-                                 force=force, quiet=quiet or as_json)
+                                 force=force, quiet=quiet or as_json, compute_dtype=compute_dtype)
     if as_json:
         return print_json(report)
     t = report["totals"]

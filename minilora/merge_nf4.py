@@ -55,9 +55,6 @@ def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign,
         return ckpt.info(key)
 
     patches, full = plan_patches(ckpt, adapters, scale, sign, info, linear_keys=set(quantized), tied_ok=tied_ok)
-    if requantize and any(k not in quantized for k in patches):
-        first = next(k for k in patches if k not in quantized)
-        raise InputError("--requantize: the adapter also changes a tensor that is not 4-bit", ckpt.path, first)
     owner = {}  # aux key -> its weight key
     for key in ckpt.keys():
         if is_aux_key(key):

@@ -51,7 +51,11 @@ KEEP_FLOAT = {
 # that shows the model has that head (None: assume it). transformers skips them by default, but not once
 # llm_int8_skip_modules is set.
 TIED_OUTPUTS = {"lm_head": None, "cls.predictions.decoder": "cls.predictions.bias",   # BERT-family MLM
-                "lm_head.decoder": "lm_head.bias", "generator_lm_head": "generator_lm_head.bias"}  # RoBERTa, ELECTRA
+                "lm_head.decoder": "lm_head.bias", "generator_lm_head": "generator_lm_head.bias",  # RoBERTa, ELECTRA
+                "proj_out": "model.decoder.embed_tokens.weight", "vocab_projector": "vocab_projector.bias"}  # Whisper, DistilBERT
+# Layers built from a subclass of nn.Linear, which transformers 5.23 does not convert (it converts modules of
+# type nn.Linear exactly, integrations/bitsandbytes.py): by model_type, the leaf names of such layers.
+LINEAR_SUBCLASSES = {"falcon": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")}
 QUANTIZABLE = tuple(np.dtype(t) for t in (np.float32, np.float16)) + (dtype_from_name("bfloat16"),)
 
 
@@ -62,7 +66,7 @@ def keep_float(config):
     return [(t, p) for c in configs for t in [architectures.model_type(c)] for p in KEEP_FLOAT.get(t, ())]
 
 
-def not_linear(module, moe_layers, keep=()):
+def not_linear(module, moe_layers, keep=(), model_type_of=None):
     """Why transformers 5 + bitsandbytes cannot load ``module`` quantised (it is no ``nn.Linear`` there,
     or one that transformers keeps in float), or None. ``moe_layers``: the names ``P`` of the
     checkpoint's ``P.experts.…`` tensors; ``keep``: ``keep_float(config)``."""
@@ -75,6 +79,9 @@ def not_linear(module, moe_layers, keep=()):
     if leaf in ROUTERS and parent in moe_layers:
         return ("the router of a MoE layer: transformers 5 holds it as a plain parameter, which bitsandbytes "
                 "does not quantise")
+    if leaf in LINEAR_SUBCLASSES.get(model_type_of, ()):
+        return (f"a {model_type_of} layer built from a subclass of nn.Linear, which transformers does not "
+                f"convert to Linear4bit")
     for model_type, pattern in keep:
         if skipped_by(pattern, module):
             return f"a layer that transformers keeps in float for {model_type} (_keep_in_fp32_modules {pattern!r})"
@@ -96,7 +103,7 @@ def select_weights(ckpt, include=(), exclude=()):
         module = key[: -len(".weight")]
         if any(fnmatch.fnmatchcase(module, g) for g in exclude):
             continue
-        reason = not_linear(module, moe_layers, keep)
+        reason = not_linear(module, moe_layers, keep, architectures.model_type(ckpt.config))
         if include:
             glob = next((g for g in include if fnmatch.fnmatchcase(module, g)), None)
             if glob is None:
@@ -149,7 +156,7 @@ def _finish_folder(ckpt, stage, weight_map, total_bytes, config_update):
 
 
 def quantize_checkpoint(model, out, blocksize=nf4.DEFAULT_BLOCKSIZE, double_quant=True,
-                        quant_type="nf4", include=(), exclude=(), force=False, quiet=True):
+                        quant_type="nf4", include=(), exclude=(), force=False, quiet=True, compute_dtype="float32"):
     """Quantise the selected Linear weights of ``model`` to NF4 / FP4; write ``out``; return a report."""
     t0 = time.perf_counter()
     out = os.path.abspath(str(out))
@@ -165,7 +172,7 @@ def quantize_checkpoint(model, out, blocksize=nf4.DEFAULT_BLOCKSIZE, double_quan
                              "matched; use --include)", ckpt.path)
         _check_dtypes(ckpt, chosen)
         skip = skip_list(float_modules(ckpt, chosen), [k[: -len(".weight")] for k in chosen])
-        rows, weight_map, compute = [], {}, set()
+        rows, weight_map = [], {}
         total = sum(ckpt.info(k)[2] for k in ckpt.keys())
         with staged_folder(out) as stage, Progress(total, "quantize", enabled=not quiet) as progress:
             for shard, reader, path in _shard_out(ckpt, stage):
@@ -175,7 +182,6 @@ def quantize_checkpoint(model, out, blocksize=nf4.DEFAULT_BLOCKSIZE, double_quan
                         row = {"name": name, "dtype": str(x.dtype), "shape": list(x.shape),
                                "bytes_before": x.nbytes, "quantized": name in chosen}
                         if name in chosen:
-                            compute.add(str(x.dtype))
                             parts = _quantize_one(ckpt, name, x, blocksize, double_quant, quant_type, row)
                         else:
                             parts = [(name, x)]
@@ -186,8 +192,7 @@ def quantize_checkpoint(model, out, blocksize=nf4.DEFAULT_BLOCKSIZE, double_quan
                         rows.append(row)
                         progress.update(x.nbytes, name)
             after = sum(r["bytes_after"] for r in rows)
-            qc = quantization_config(double_quant, sorted(compute)[0] if len(compute) == 1 else "float32",
-                                     quant_type, skip)
+            qc = quantization_config(double_quant, compute_dtype, quant_type, skip)
             _finish_folder(ckpt, stage, weight_map, after, lambda c: c.update(quantization_config=qc))
     before = sum(r["bytes_before"] for r in rows)
     q = [r for r in rows if r["quantized"]]

@@ -369,7 +369,8 @@ class SafetensorsAppender(_Output):
         self._data = tempfile.TemporaryFile(dir=folder)
 
     def write(self, name, array):
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array)
+        array = array if array.flags.c_contiguous else array.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
         self._entries.append((name, array.dtype, array.shape))
         self._data.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
 

@@ -331,3 +331,57 @@ def test_diff_compares_a_4bit_conv1d_weight_in_the_float_model_layout(tmp_path):
     for key in CONV1D:
         assert "problem" not in rows[key] and rows[key]["within"], rows[key]
         assert rows[key]["shape"][0] == rows[key]["shape"][1] == list(load_file(tmp_path / "gpt2" / "model.safetensors")[key].shape)
+
+
+def test_scalar_tensors_keep_their_shape_and_compute_dtype_is_transformers_default(tmp_path):
+    """A 0-d tensor (CLIP's logit_scale) stays 0-d through quantize, dequantize and an NF4 merge; the
+    quantization_config asks for float32 compute unless told otherwise (BitsAndBytesConfig's default)."""
+    p = "model.layers.0."
+    folder = write_model(tmp_path / "m", {"model_type": "llama", "torch_dtype": "bfloat16"}, {
+        "logit_scale": np.array(2.5, np.float32),
+        p + "mlp.up_proj.weight": np.ones((64, 64), ml_dtypes.bfloat16)})
+    assert run("quantize", folder, "-o", tmp_path / "q")[0] == 0
+    assert load_file(tmp_path / "q" / "model.safetensors")["logit_scale"].shape == ()
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"][
+        "bnb_4bit_compute_dtype"] == "float32"
+    assert run("dequantize", tmp_path / "q", "-o", tmp_path / "dq")[0] == 0
+    assert load_file(tmp_path / "dq" / "model.safetensors")["logit_scale"].shape == ()
+    assert run("quantize", folder, "-o", tmp_path / "q2", "--compute-dtype", "bfloat16")[0] == 0
+    assert json.loads((tmp_path / "q2" / "config.json").read_text())["quantization_config"][
+        "bnb_4bit_compute_dtype"] == "bfloat16"
+
+
+def test_falcon_layers_and_tied_whisper_output_follow_transformers(tmp_path):
+    """Falcon's layers subclass nn.Linear, which transformers does not convert: nothing to quantise. Whisper's
+    proj_out (tied, absent from the file) must be in llm_int8_skip_modules."""
+    falcon = write_model(tmp_path / "falcon", {"model_type": "falcon"}, {
+        "transformer.h.0.self_attention.query_key_value.weight": np.ones((3 * D, D), np.float32),
+        "transformer.h.0.mlp.dense_h_to_4h.weight": np.ones((4 * D, D), np.float32)})
+    error(["quantize", falcon, "-o", tmp_path / "x"], "no Linear weights to quantise")
+    error(["quantize", falcon, "-o", tmp_path / "x", "--include", "*"], "subclass of nn.Linear")
+    whisper = write_model(tmp_path / "whisper", {"model_type": "whisper"}, {
+        "model.decoder.embed_tokens.weight": np.ones((V, D), np.float32),
+        "model.decoder.layers.0.self_attn.q_proj.weight": np.ones((D, D), np.float32)})
+    assert run("quantize", whisper, "-o", tmp_path / "qw")[0] == 0
+    assert "proj_out" in skipped_modules(tmp_path / "qw")
+
+
+def test_requantize_merges_an_adapter_that_also_touches_float_modules(tmp_path):
+    """--requantize: 4-bit weights are re-quantised, a float module the adapter also adapts (a BERT pooler, a
+    T5 wo) is merged in its own dtype, as PEFT's merge does."""
+    p = "model.layers.0."
+    rng = np.random.default_rng(3)
+    folder = write_model(tmp_path / "m", {"model_type": "llama"}, {
+        p + "mlp.up_proj.weight": rng.standard_normal((64, 64)).astype(np.float32),
+        "pooler.dense.weight": rng.standard_normal((64, 64)).astype(np.float32)})
+    assert run("quantize", folder, "-o", tmp_path / "q")[0] == 0
+    from minilora.checkpoint import LoraModule, save_adapter
+    mods = [LoraModule(n, A=rng.standard_normal((4, 64)).astype(np.float32),
+                       B=rng.standard_normal((64, 4)).astype(np.float32)) for n in (p + "mlp.up_proj", "pooler.dense")]
+    save_adapter(tmp_path / "ad", {"peft_type": "LORA", "r": 4, "lora_alpha": 8}, mods)
+    code, _, err = run("merge", tmp_path / "q", tmp_path / "ad", "-o", tmp_path / "rq", "--requantize")
+    assert code == 0, err
+    out = load_file(tmp_path / "rq" / "model.safetensors")
+    want = lora.merge_weight(load_file(folder / "model.safetensors")["pooler.dense.weight"], mods[1].A, mods[1].B, 2.0)
+    assert out["pooler.dense.weight"].tobytes() == want.tobytes()
+    assert out[p + "mlp.up_proj.weight"].dtype == np.uint8

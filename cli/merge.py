@@ -9,6 +9,9 @@ _DTYPES = click.Choice(["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"
 
 
 def _summary(report):
+    for adapter, renames in report.get("renamed_modules", {}).items():
+        rules = ", ".join(f"{p or '(none)'} -> {q}" for p, q in renames.items())
+        click.echo(f"note: {adapter}: module names mapped onto the checkpoint's: {rules}", err=True)
     t = report["totals"]
     verb = "merged" if report["operation"] == "merge" else "unmerged"
     click.echo(f"{verb} {len(report['adapters'])} adapter(s) into {t['changed']} of {t['tensors']} tensors; "

@@ -343,3 +343,66 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def prefix_renames(names, disk_modules):
+    """``{adapter prefix: checkpoint prefix}`` that maps every name in ``names`` missing from ``disk_modules``
+    onto one that is there, or ``{}`` if some missing name has no single such mapping.
+
+    transformers 5 renames some checkpoints' keys when it loads them and writes them back under the old
+    names, while PEFT names adapter keys after the loaded modules: a LLaVA-family adapter says
+    ``model.language_model.layers.0…`` where the file has ``language_model.model.layers.0…``. For each
+    missing name the shortest prefix ``P`` (whole dotted components) is taken for which exactly one ``Q``
+    makes ``Q + rest`` exist *for every missing name that starts with P*; where several do (a vision tower
+    with the same layer names), only a ``Q`` made of P's own components (plus ``model``) is kept. Anything
+    else (still two candidates, a name no rewrite reaches) leaves the names alone, and the caller reports
+    the missing module."""
+    disk = set(disk_modules)
+    missing = [n for n in names if n not in disk]
+    if not missing:
+        return {}
+    by_rest = {}  # "rest" suffix (whole components) -> prefixes under which it exists on disk
+    for module in disk:
+        parts = module.split(".")
+        for i in range(len(parts)):
+            by_rest.setdefault(".".join(parts[i:]), set()).add(".".join(parts[:i]) + "." if i else "")
+    renames = {}
+    for name in missing:
+        if any(name.startswith(p) for p in renames):
+            continue
+        parts, found = name.split("."), None
+        for i in range(len(parts)):
+            prefix = ".".join(parts[:i]) + "." if i else ""
+            sharing = [n for n in missing if n.startswith(prefix)]
+            valid = [q for q in by_rest.get(".".join(parts[i:]), ())
+                     if q != prefix and all(q + n[len(prefix):] in disk for n in sharing)]
+            if len(valid) > 1:  # a LLaVA text tower and a vision tower both have layers.0.self_attn.q_proj:
+                # keep a rewrite that only reorders, drops or adds "model" among the prefix's own components
+                own = set(parts[:i]) | {"model"}
+                valid = [q for q in valid if set(q.rstrip(".").split(".")) <= own]
+            if len(valid) == 1:
+                found = (prefix, valid[0])
+                break
+            if len(valid) > 1:
+                return {}  # ambiguous: do not guess
+        if found is None:
+            return {}
+        renames[found[0]] = found[1]
+    return renames
+
+
+def renamed_adapter(adapter, renames):
+    """A copy of ``adapter`` with module and full-tensor names rewritten by ``renames`` (``prefix_renames``)."""
+    if not renames:
+        return adapter
+
+    def rename(name):
+        for p, q in renames.items():
+            if name.startswith(p):
+                return q + name[len(p):]
+        return name
+    modules = {}
+    for name, m in adapter.modules.items():
+        modules[rename(name)] = LoraModule(rename(name), m.kind, m.A, m.B, m.magnitude, m.bias)
+    full = {rename(k): v for k, v in adapter.full_tensors.items()}
+    return Adapter(adapter.path, adapter.config, modules, full, {rename(k) for k in adapter.saved_base})

@@ -18,7 +18,8 @@ import ml_dtypes
 import numpy as np
 
 from minilora import architectures, dora, lora, native
-from minilora.checkpoint import ADAPTER_CONFIG, INDEX_NAME, Checkpoint, load_adapter, write_json
+from minilora.checkpoint import (ADAPTER_CONFIG, INDEX_NAME, Checkpoint, load_adapter, prefix_renames,
+                                 renamed_adapter, write_json)
 from minilora.dtypes import dtype_from_name, is_float
 from minilora.errors import InputError
 from minilora.nf4_checkpoint import quantized_weights
@@ -77,17 +78,25 @@ def _check_new_nonfinite(out, W, verb, what):
                          f"from finite base values; the adapter or --scale is too large for {W.dtype}")
 
 
-def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None, target=None, linear_keys=(), tied_ok=False):
+def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None, target=None, linear_keys=(), tied_ok=False,
+                 renamed=None):
     """Map base tensor name → [Patch, ...] and check every adapter fits the base, before any I/O.
     Returns ``(patches, full)``: ``full`` maps a base key to the adapter tensor that replaces it.
     ``info(name) → (dtype, shape, nbytes)`` defaults to the file's; an NF4 base passes the logical one, and
     its 4-bit weights in ``linear_keys`` (bitsandbytes stores every layer, Conv1D too, as (N, K)).
     ``target``: the output dtype (``--dtype``). ``tied_ok``: merge an embedding LoRA even where the base ties
-    its output layer to that embedding (``tied_output``)."""
+    its output layer to that embedding (``tied_output``). ``renamed``: a dict that receives, per adapter path,
+    the prefix rewrites that mapped its module names onto the checkpoint's (``checkpoint.prefix_renames``)."""
     info = info or ckpt.info
     patches, full = {}, {}
+    renamed = {} if renamed is None else renamed
     for adapter in adapters:
         cfg = adapter.config
+        renames = prefix_renames(list(adapter.modules) + [k.rsplit(".", 1)[0] for k in adapter.full_tensors],
+                                 {k.rsplit(".", 1)[0] for k in ckpt.keys()})
+        adapter = renamed_adapter(adapter, renames)
+        if renames:
+            renamed[adapter.path] = renames
         shapes = {name: info(f"{name}.weight")[1] for name in adapter.modules if f"{name}.weight" in ckpt}
         layouts = module_layouts(ckpt, adapter, shapes, linear_keys)
         for name, m in adapter.modules.items():
@@ -251,15 +260,17 @@ def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, qu
                  single_file=base_is_file and out.endswith(".safetensors"))
     adapters = [load_adapter(a) for a in adapters]
     target = dtype_from_name(dtype)
+    renamed = {}
     with Checkpoint(base) as ckpt:
         if quantized_weights(ckpt.keys()):
             from minilora.merge_nf4 import merge_quantized
 
-            rows = merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable, tied_ok)
-            return _report(base, adapters, out, sign, rows, t0)
+            rows = merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable, tied_ok,
+                                   renamed)
+            return _report(base, adapters, out, sign, rows, t0, renamed)
         if requantize:
             raise InputError("--requantize needs a 4-bit (bitsandbytes NF4/FP4) base", ckpt.path)
-        patches, full = plan_patches(ckpt, adapters, scale, sign, target=target, tied_ok=tied_ok)
+        patches, full = plan_patches(ckpt, adapters, scale, sign, target=target, tied_ok=tied_ok, renamed=renamed)
         single, shard_names = _layout(ckpt, out)
         if single:
             make_parent(out)
@@ -269,7 +280,7 @@ def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, qu
             with staged_folder(out) as stage:
                 rows = _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign, durable)
                 _copy_extras(ckpt, stage, rows, target)
-    return _report(base, adapters, out, sign, rows, t0)
+    return _report(base, adapters, out, sign, rows, t0, renamed)
 
 
 def _files_read_beside(base, adapters):
@@ -280,11 +291,11 @@ def _files_read_beside(base, adapters):
     return paths
 
 
-def _report(base, adapters, out, sign, rows, t0):
+def _report(base, adapters, out, sign, rows, t0, renamed=None):
     seconds = time.perf_counter() - t0
     nbytes = sum(r["bytes"] for r in rows)
     return {"base": os.path.abspath(str(base)), "adapters": [a.path for a in adapters], "output": out,
-            "operation": "merge" if sign > 0 else "unmerge", "tensors": rows,
+            "operation": "merge" if sign > 0 else "unmerge", "tensors": rows, "renamed_modules": renamed or {},
             "totals": {"tensors": len(rows), "changed": sum(1 for r in rows if r["adapters"]),
                        "bytes": nbytes, "seconds": round(seconds, 3),
                        "mb_per_s": round(nbytes / max(seconds, 1e-9) / 1e6, 1)}}

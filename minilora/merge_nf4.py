@@ -31,7 +31,8 @@ from minilora.safetensors_io import SafetensorsAppender
 
 
 
-def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable=True, tied_ok=False):
+def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable=True, tied_ok=False,
+                    renamed=None):
     """Merge ``adapters`` into the 4-bit checkpoint ``ckpt``; write the folder ``out``; return rows."""
     if ckpt.folder is None:
         raise InputError("a 4-bit base must be a model folder", ckpt.path)
@@ -54,7 +55,8 @@ def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign,
             return s.dtype, s.shape, int(np.prod(s.shape)) * s.dtype.itemsize
         return ckpt.info(key)
 
-    patches, full = plan_patches(ckpt, adapters, scale, sign, info, linear_keys=set(quantized), tied_ok=tied_ok)
+    patches, full = plan_patches(ckpt, adapters, scale, sign, info, linear_keys=set(quantized), tied_ok=tied_ok,
+                                 renamed=renamed)
     owner = {}  # aux key -> its weight key
     for key in ckpt.keys():
         if is_aux_key(key):

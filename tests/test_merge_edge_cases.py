@@ -380,3 +380,40 @@ def test_lora_on_moe_expert_parameters_is_refused_by_name(models, tmp_path):
         {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_parameters": ["gate_up_proj", "down_proj"]}))
     _expect_error(["merge", models / "base", tmp_path / "ad", "-o", tmp_path / "o"], str(tmp_path / "o"),
                   [models / "base"], "target_parameters, e.g. MoE experts) is not supported")
+
+
+def test_adapter_names_of_a_renamed_checkpoint_are_mapped_when_unambiguous(tmp_path):
+    """A LLaVA-family file keeps `language_model.model.layers…` / `vision_tower…` while a PEFT adapter made with
+    transformers 5 names `model.language_model.layers…` / `model.vision_tower…`: a consistent prefix rewrite is
+    found, reported and used; where two rewrites would fit (T5's encoder / decoder) nothing is guessed."""
+    rng = np.random.default_rng(7)
+    disk = {"language_model.model.layers.0.self_attn.q_proj.weight": rng.standard_normal((32, 32), dtype=np.float32),
+            "language_model.model.layers.0.mlp.down_proj.weight": rng.standard_normal((32, 64), dtype=np.float32),
+            "language_model.lm_head.weight": rng.standard_normal((64, 32), dtype=np.float32),
+            "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight":
+                rng.standard_normal((32, 32), dtype=np.float32),
+            "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight": rng.standard_normal((64, 32), dtype=np.float32)}
+    os.makedirs(tmp_path / "llava")
+    save_file(disk, tmp_path / "llava" / "model.safetensors")
+    mods = [LoraModule(n, A=rng.standard_normal((4, K), dtype=np.float32), B=rng.standard_normal((N, 4), dtype=np.float32))
+            for n, K, N in (("model.language_model.layers.0.self_attn.q_proj", 32, 32),
+                            ("model.language_model.layers.0.mlp.down_proj", 64, 32),
+                            ("model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj", 32, 32))]
+    ad = _adapter(tmp_path / "ad", {}, mods)
+    code, out, err = run("merge", tmp_path / "llava", ad, "-o", tmp_path / "m", "--json")
+    assert code == 0, err
+    assert json.loads(out)["renamed_modules"][str(ad / "adapter_model.safetensors")] == {
+        "model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower."}
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    for m, key in zip(mods, ("language_model.model.layers.0.self_attn.q_proj.weight",
+                             "language_model.model.layers.0.mlp.down_proj.weight",
+                             "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight")):
+        np.testing.assert_array_equal(merged[key], lora.merge_weight(disk[key], m.A, m.B, 2.0))
+    assert merged["language_model.lm_head.weight"].tobytes() == disk["language_model.lm_head.weight"].tobytes()
+
+    t5 = {f"{side}.block.0.layer.0.SelfAttention.q.weight": np.ones((32, 32), np.float32) for side in ("encoder", "decoder")}
+    save_file(t5, tmp_path / "t5.safetensors")
+    ad = _adapter(tmp_path / "t5ad", {}, [LoraModule("block.0.layer.0.SelfAttention.q", A=np.ones((4, 32), np.float32),
+                                                     B=np.ones((32, 4), np.float32))])
+    _expect_error(["merge", tmp_path / "t5.safetensors", ad, "-o", tmp_path / "o.safetensors"],
+                  str(tmp_path / "o.safetensors"), [tmp_path / "t5.safetensors"], "an adapter for a different model?")

@@ -12,7 +12,7 @@ one rounding to float32. Not here: DoRA for Embedding / Conv layers, dropout mas
 """
 import numpy as np
 
-from minilora.lora import F32, F64, _check_finite, check_lora_shapes, delta_weight
+from minilora.lora import F32, F64, _check_finite, check_float_weight, check_lora_shapes, delta_weight
 
 
 def _row_norm(Wd):
@@ -57,6 +57,7 @@ def dora_merge_weight(W, A, B, s, m, fan_in_fan_out=False, adapted=None, norm_of
     in float32 and W's layout when the caller already has it (the C merge kernel computes the same bits).
     ``norm_of``: take ``n`` over this float32 matrix (W's layout) instead: ``W₀ + ΔW`` with W₀ the weight
     before other adapters were merged into W, as PEFT does when several adapters are merged."""
+    check_float_weight(W)
     N, _, _ = check_lora_shapes(W, A, B, fan_in_fan_out)
     if np.shape(m) != (N,):
         raise ValueError(f"DoRA magnitude must have shape ({N},), got {np.shape(m)}")

@@ -17,6 +17,7 @@ Not here: dropout masks (pass the already-dropped ``x``), DoRA (``minilora.dora`
 import math
 import re
 
+import ml_dtypes
 import numpy as np
 
 F32 = np.float32
@@ -36,11 +37,12 @@ def scaling(alpha, r, use_rslora=False):
 
 def match_pattern(module_name, patterns):
     """The first key ``k`` of ``patterns`` for which ``re.match(rf"(.*\\.)?({k})$", module_name)``
-    holds (PEFT's ``rank_pattern`` / ``alpha_pattern`` rule), or None."""
+    holds (PEFT's ``rank_pattern`` / ``alpha_pattern`` rule); else the module name itself if it is a key
+    (PEFT's literal fallback, for names such as ``a.b+c`` that do not match themselves as a regex); else None."""
     for key in patterns or {}:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
-    return None
+    return module_name if module_name in (patterns or {}) else None
 
 
 def module_rank_alpha(module_name, r, alpha, rank_pattern=None, alpha_pattern=None):
@@ -158,8 +160,16 @@ def delta_weight(A, B, s, fan_in_fan_out=False):
     return delta.T if fan_in_fan_out else delta  # (K, N) when fan_in_fan_out
 
 
+def check_float_weight(W):
+    """TypeError unless W is a float ndarray (float16 / bfloat16 / float32 / float64), as the C kernels say."""
+    dtype = getattr(W, "dtype", None)
+    if not isinstance(W, np.ndarray) or not (dtype.kind == "f" or dtype == np.dtype(ml_dtypes.bfloat16)):
+        raise TypeError(f"W must be a float ndarray, got {dtype if dtype is not None else type(W).__name__}")
+
+
 def _check_finite(out, W, what):
-    bad = ~np.isfinite(out.astype(F32)) & np.isfinite(np.asarray(W, dtype=F32))
+    with np.errstate(over="ignore"):
+        bad = ~np.isfinite(out.astype(F64)) & np.isfinite(np.asarray(W, dtype=F64))  # (a float64 W may exceed float32)
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"{what} produced {int(bad.sum())} NaN/inf values (first at index {first}) "
@@ -169,8 +179,10 @@ def _check_finite(out, W, what):
 def merge_weight(W, A, B, s, fan_in_fan_out=False):
     """``W' = round_to_dtype(float32(W) + ΔW)``: one rounding (PEFT's default merge), in W's dtype.
 
-    Raises ValueError if the merge turns finite weights into NaN/inf. W is not modified.
+    Raises ValueError if the merge turns finite weights into NaN/inf, TypeError for a W that is not a float
+    array (an integer W would wrap around or truncate). W is not modified.
     """
+    check_float_weight(W)
     check_lora_shapes(W, A, B, fan_in_fan_out)
     with np.errstate(over="ignore"):  # overflow to inf is reported by _check_finite
         out = (W.astype(F32) + delta_weight(A, B, s, fan_in_fan_out)).astype(W.dtype)  # W's shape
@@ -180,6 +192,7 @@ def merge_weight(W, A, B, s, fan_in_fan_out=False):
 
 def merge_weight_safe(W, A, B, s, fan_in_fan_out=False):
     """PEFT's ``safe_merge``: ``round(W + round(ΔW))``, two roundings; offered for comparison only."""
+    check_float_weight(W)
     check_lora_shapes(W, A, B, fan_in_fan_out)
     delta = delta_weight(A, B, s, fan_in_fan_out).astype(W.dtype)
     out = (W.astype(F32) + delta.astype(F32)).astype(W.dtype)
@@ -190,6 +203,7 @@ def merge_weight_safe(W, A, B, s, fan_in_fan_out=False):
 def unmerge_weight(W_merged, A, B, s, fan_in_fan_out=False):
     """``W = round_to_dtype(float32(W') − ΔW)``. Exact up to rounding in float32; in bf16 / fp16 it is
     NOT an exact inverse of ``merge_weight`` (measure the round trip, see docs/merge.md)."""
+    check_float_weight(W_merged)
     check_lora_shapes(W_merged, A, B, fan_in_fan_out)
     out = (W_merged.astype(F32) - delta_weight(A, B, s, fan_in_fan_out)).astype(W_merged.dtype)
     _check_finite(out, W_merged, "unmerge")

@@ -24,6 +24,8 @@ import threading
 import ml_dtypes
 import numpy as np
 
+from minilora.errors import InputError
+
 from minilora._native import ffi, lib
 from minilora.double_quant import as_f32_scalar, check_f32_vector
 from minilora.nf4 import check_blocksize, check_state
@@ -60,17 +62,20 @@ def _kernel(name, variant, simd=True):
     return getattr(lib, f"minilora_{name}{suffix}")
 
 
+THREADS_CAP = 1 << 16  # passed to C as an int; the pool caps far lower (csrc/threads.c)
+
+
 def _threads(num_threads):
     if num_threads is None:
         env = os.environ.get("MINILORA_NUM_THREADS", "").strip()
         if not env:
             return 0
-        if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"MINILORA_NUM_THREADS must be a positive integer, got {env!r}")
-        return int(env)
+        if not (env.isascii() and env.isdigit()) or int(env) < 1:
+            raise InputError(f"MINILORA_NUM_THREADS must be a positive integer, got {env!r}")
+        return min(int(env), THREADS_CAP)
     if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
         raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
-    return int(num_threads)
+    return min(int(num_threads), THREADS_CAP)
 
 
 def _check(status, name):

@@ -13,6 +13,7 @@ Not here: bitsandbytes' CUDA decision bounds (``NF4_MID_CUDA``, four values diff
 docs/nf4.md), torchao's ``to_nf4`` variant, the on-disk checkpoint layout (``minilora.checkpoint``), and
 any fast path (``minilora.native``). Inputs are never modified.
 """
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -69,10 +70,16 @@ def check_state(packed, absmax, shape, blocksize):
     backend, so a bad argument raises the same exception with the same message everywhere."""
     blocksize = check_blocksize(blocksize)
     try:
-        shape = tuple(int(d) for d in shape)
+        dims = list(shape)
     except TypeError:
-        raise TypeError(f"shape must be a tuple of ints, got {shape!r}") from None
-    n = int(np.prod(shape, dtype=np.int64))
+        dims = None
+    if dims is None or isinstance(shape, (str, bytes)) or not all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"shape must be a tuple of ints, got {shape!r}")
+    shape = tuple(int(d) for d in dims)
+    n = math.prod(shape)  # exact: a huge shape cannot wrap around
+    if n >= 2**62:
+        raise ValueError(f"shape {shape} has {n} elements, too many for one tensor")
     if any(d < 0 for d in shape) or n == 0:
         raise ValueError(f"shape {shape} must have positive size")
     _check_packed(packed, n, f"shape {shape}")

@@ -13,6 +13,7 @@ directions against the ``safetensors`` package. Nothing here unpickles anything.
 """
 import ctypes
 import json
+import math
 import os
 import struct
 import sys
@@ -68,13 +69,16 @@ class SafetensorsReader:
         if n > MAX_HEADER or 8 + n > size:
             raise InputError(f"header length {n} does not fit in a file of {size} bytes "
                              f"(truncated or not safetensors)", self.path)
-        try:
-            header = json.loads(self._file.read(n))
+        try:  # strictly UTF-8, as the format says (json.loads(bytes) would also guess UTF-16 or skip a BOM)
+            header = json.loads(self._file.read(n).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"header is not valid JSON ({e})", self.path) from None
         if not isinstance(header, dict):
             raise InputError("header is not a JSON object", self.path)
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise InputError(f"__metadata__ must map strings to strings, got {self.metadata!r:.80}", self.path)
         self.data_start = 8 + n
         self._entries = {}
         spans = []
@@ -95,17 +99,17 @@ class SafetensorsReader:
     def _check_entry(self, name, e, size):
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
             raise InputError("header entry lacks dtype / shape / data_offsets", self.path, name)
-        if e["dtype"] not in DTYPES:
+        if not isinstance(e["dtype"], str) or e["dtype"] not in DTYPES:
             raise InputError(f"unknown dtype {e['dtype']!r} (known: {', '.join(DTYPES)})", self.path, name)
         shape, offsets = e["shape"], e["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):  # (bool is no size)
             raise InputError(f"shape {shape!r} is not a list of non-negative integers", self.path, name)
         if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+                and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
             raise InputError(f"data_offsets {offsets!r} are not [begin, end] with begin <= end",
                              self.path, name)
         dtype = DTYPES[e["dtype"]]
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # exact (Python ints): a huge shape cannot wrap around
         if offsets[1] - offsets[0] != nbytes:
             raise InputError(f"header says {offsets[1] - offsets[0]} bytes but shape {shape} of "
                              f"{e['dtype']} needs {nbytes}", self.path, name)
@@ -194,8 +198,12 @@ def _sync_file_range(fd, offset, nbytes):
 
 def _header_bytes(entries, metadata):
     header, offset = {}, 0
+    if any(name == "__metadata__" for name, _, _ in entries):
+        raise ValueError("a tensor cannot be named __metadata__ (the format's metadata key)")
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError(f"safetensors metadata maps strings to strings, got {metadata!r:.80}")
+        header["__metadata__"] = dict(metadata)
     for name, dtype, shape in entries:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         header[name] = {"dtype": dtype_name(dtype), "shape": [int(d) for d in shape],

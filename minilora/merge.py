@@ -91,7 +91,6 @@ def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None, target=None, lin
     patches, full = {}, {}
     renamed = {} if renamed is None else renamed
     for adapter in adapters:
-        cfg = adapter.config
         renames = prefix_renames(list(adapter.modules) + [k.rsplit(".", 1)[0] for k in adapter.full_tensors],
                                  {k.rsplit(".", 1)[0] for k in ckpt.keys()})
         adapter = renamed_adapter(adapter, renames)
@@ -100,57 +99,71 @@ def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None, target=None, lin
         shapes = {name: info(f"{name}.weight")[1] for name in adapter.modules if f"{name}.weight" in ckpt}
         layouts = module_layouts(ckpt, adapter, shapes, linear_keys)
         for name, m in adapter.modules.items():
-            key = f"{name}.weight"
-            if key not in ckpt:
-                raise InputError(_missing_module_message(ckpt, name, key), adapter.path, name)
-            dtype, shape, _ = info(key)
-            if not is_float(dtype):
-                raise InputError(f"base tensor {key} is {dtype}, not a float weight", ckpt.path, key)
-            if np.dtype(target if target is not None else dtype) not in MERGE_DTYPES:
-                raise InputError(f"base tensor {key} is {dtype}; merging needs float32, float16 or bfloat16 "
-                                 f"(choose one with --dtype)", ckpt.path, key)
-            r, alpha = lora.module_rank_alpha(name, cfg.get("r", 8), cfg.get("lora_alpha", 8),
-                                              cfg.get("rank_pattern"), cfg.get("alpha_pattern"))
-            if m.A.shape[0] != r:
-                raise InputError(f"lora_A has rank {m.A.shape[0]} but the config gives r={r} for this module",
-                                 adapter.path, name)
-            ffio = layouts[name]
-            if m.kind == "embedding" and sign > 0 and not tied_ok and not cfg.get("ensure_weight_tying") \
-                    and tied_output(ckpt.config, name):
-                raise InputError(f"the base ties its output layer to {key} (tie_word_embeddings): merging this "
-                                 f"embedding LoRA changes the output layer too, while the adapter model changes only "
-                                 f"the input embedding (PEFT's merge_and_unload does the same); pass "
-                                 f"--merge-tied-embeddings to merge anyway", adapter.path, name)
-            try:
-                N, _, _ = lora.check_lora_shapes(np.empty(shapes[name], dtype=np.uint8), m.A, m.B, ffio)
-            except ValueError as e:
-                raise InputError(f"does not fit base tensor {key}: {e}", adapter.path, name) from None
-            if m.magnitude is not None and sign < 0:
-                raise InputError("DoRA cannot be unmerged from a merged checkpoint: W' = (m/n)(W + ΔW) "
-                                 "needs the per-row norm n of merge time", adapter.path, name)
-            if m.magnitude is not None and m.magnitude.shape != (N,):
-                raise InputError(f"DoRA magnitude {m.magnitude.shape} does not fit ({N},)", adapter.path, name)
-            s = lora.scaling(alpha, r, bool(cfg.get("use_rslora"))) * scale
-            patches.setdefault(key, []).append(Patch(adapter.path, m, s, ffio, "weight"))
-            if m.bias is not None:
-                if f"{name}.bias" not in ckpt:
-                    raise InputError(f"adapter trains a bias but the base has no {name}.bias", adapter.path, name)
-                patches.setdefault(f"{name}.bias", []).append(Patch(adapter.path, m, s, ffio, "bias"))
+            for key, patch in _module_patches(ckpt, adapter, m, info, target, layouts, scale, sign, tied_ok):
+                patches.setdefault(key, []).append(patch)
         for key, value in adapter.full_tensors.items():
-            saved_base = key in adapter.saved_base
-            if key not in ckpt:
-                raise InputError(f"adapter tensor {key} is neither a LoRA tensor nor a tensor of the base "
-                                 f"(a LoRA variant that minilora does not merge, or an adapter for another model)",
-                                 adapter.path, key)
-            if info(key)[1] != value.shape:
-                what = "saved copy of the base tensor" if saved_base else "modules_to_save tensor"
-                raise InputError(f"{what} {value.shape} does not fit the base's {tuple(info(key)[1])} "
-                                 f"(a resized vocabulary, or an adapter for another model?)", adapter.path, key)
-            if sign < 0 and not saved_base:
-                raise InputError("modules_to_save replaced this tensor when merging; its base values are not in "
-                                 "the adapter, so unmerge cannot restore them", adapter.path, key)
-            full[key] = Replacement(value, saved_base, adapter.path)
+            full[key] = _replacement(ckpt, adapter, key, value, info, sign)
     return patches, full
+
+
+def _module_patches(ckpt, adapter, m, info, target, layouts, scale, sign, tied_ok):
+    """``[(base key, Patch)]`` of one adapted module (its weight, and its bias with ``lora_bias``), after
+    checking that it fits the base."""
+    cfg, name = adapter.config, m.name
+    key = f"{name}.weight"
+    if key not in ckpt:
+        raise InputError(_missing_module_message(ckpt, name, key), adapter.path, name)
+    dtype, shape, _ = info(key)
+    if not is_float(dtype):
+        raise InputError(f"base tensor {key} is {dtype}, not a float weight", ckpt.path, key)
+    if np.dtype(target if target is not None else dtype) not in MERGE_DTYPES:
+        raise InputError(f"base tensor {key} is {dtype}; merging needs float32, float16 or bfloat16 "
+                         f"(choose one with --dtype)", ckpt.path, key)
+    r, alpha = lora.module_rank_alpha(name, cfg.get("r", 8), cfg.get("lora_alpha", 8),
+                                      cfg.get("rank_pattern"), cfg.get("alpha_pattern"))
+    if m.A.shape[0] != r:
+        raise InputError(f"lora_A has rank {m.A.shape[0]} but the config gives r={r} for this module",
+                         adapter.path, name)
+    if m.kind == "embedding" and sign > 0 and not tied_ok and not cfg.get("ensure_weight_tying") \
+            and tied_output(ckpt.config, name):
+        raise InputError(f"the base ties its output layer to {key} (tie_word_embeddings): merging this "
+                         f"embedding LoRA changes the output layer too, while the adapter model changes only "
+                         f"the input embedding (PEFT's merge_and_unload does the same); pass "
+                         f"--merge-tied-embeddings to merge anyway", adapter.path, name)
+    ffio = layouts[name]
+    try:
+        N, _, _ = lora.check_lora_shapes(np.empty(shape, dtype=np.uint8), m.A, m.B, ffio)
+    except ValueError as e:
+        raise InputError(f"does not fit base tensor {key}: {e}", adapter.path, name) from None
+    if m.magnitude is not None and sign < 0:
+        raise InputError("DoRA cannot be unmerged from a merged checkpoint: W' = (m/n)(W + ΔW) "
+                         "needs the per-row norm n of merge time", adapter.path, name)
+    if m.magnitude is not None and m.magnitude.shape != (N,):
+        raise InputError(f"DoRA magnitude {m.magnitude.shape} does not fit ({N},)", adapter.path, name)
+    s = lora.scaling(alpha, r, bool(cfg.get("use_rslora"))) * scale
+    out = [(key, Patch(adapter.path, m, s, ffio, "weight"))]
+    if m.bias is not None:
+        if f"{name}.bias" not in ckpt:
+            raise InputError(f"adapter trains a bias but the base has no {name}.bias", adapter.path, name)
+        out.append((f"{name}.bias", Patch(adapter.path, m, s, ffio, "bias")))
+    return out
+
+
+def _replacement(ckpt, adapter, key, value, info, sign):
+    """The ``Replacement`` for one full tensor of an adapter, after checking it fits the base."""
+    saved_base = key in adapter.saved_base
+    if key not in ckpt:
+        raise InputError(f"adapter tensor {key} is neither a LoRA tensor nor a tensor of the base "
+                         f"(a LoRA variant that minilora does not merge, or an adapter for another model)",
+                         adapter.path, key)
+    if info(key)[1] != value.shape:
+        what = "saved copy of the base tensor" if saved_base else "modules_to_save tensor"
+        raise InputError(f"{what} {value.shape} does not fit the base's {tuple(info(key)[1])} "
+                         f"(a resized vocabulary, or an adapter for another model?)", adapter.path, key)
+    if sign < 0 and not saved_base:
+        raise InputError("modules_to_save replaced this tensor when merging; its base values are not in "
+                         "the adapter, so unmerge cannot restore them", adapter.path, key)
+    return Replacement(value, saved_base, adapter.path)
 
 
 MERGE_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.float16, ml_dtypes.bfloat16))

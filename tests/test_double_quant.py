@@ -102,6 +102,8 @@ def _nearest_f32(q):
 @example(a=np.array([1.0, 1.0 + 2.0**-23], np.float32))  # mean 1 + 2**-24: a tie -> 1.0 (even)
 @example(a=np.array([1.0 + 2.0**-23, 1.0 + 2.0**-22], np.float32))  # tie -> 1 + 2**-22 (even)
 @example(a=np.array([1e-45, 0.0, 0.0], np.float32))
+@example(a=np.array([1.0, 1.0, 2.0**-23, 2.0**-80], np.float32))  # just above a midpoint: float64 rounds twice
+@example(a=np.array([3, 0, 0, 0], np.uint32).view(np.float32))  # 3·2**-149 / 4 -> 2**-149: the remainder decides
 def test_exact_mean_is_correctly_rounded(a):
     q = sum(Fraction(float(v)) for v in a) / a.size
     out = dq.exact_mean_float32(a)

@@ -417,3 +417,32 @@ def test_adapter_names_of_a_renamed_checkpoint_are_mapped_when_unambiguous(tmp_p
                                                      B=np.ones((32, 4), np.float32))])
     _expect_error(["merge", tmp_path / "t5.safetensors", ad, "-o", tmp_path / "o.safetensors"],
                   str(tmp_path / "o.safetensors"), [tmp_path / "t5.safetensors"], "an adapter for a different model?")
+
+
+def test_bias_merge_value_and_inspect_figures(models, tmp_path):
+    """lora_bias: b' = fl(b + fl(s·bias)); inspect's rank / alpha / scale per module, worked out by hand from
+    the committed adapters' configs (patterns: first match wins; rsLoRA: alpha/√r)."""
+    rng = np.random.default_rng(0)
+    base = load_file(models / "base" / "model.safetensors")
+    base["model.layers.0.self_attn.q_proj.bias"] = rng.standard_normal(32, dtype=np.float32)
+    os.makedirs(tmp_path / "b")
+    save_file(base, tmp_path / "b" / "model.safetensors")
+    bias = rng.standard_normal(32, dtype=np.float32)
+    m = LoraModule("model.layers.0.self_attn.q_proj", A=rng.standard_normal((4, 32), dtype=np.float32),
+                   B=rng.standard_normal((32, 4), dtype=np.float32), bias=bias)
+    ad = _adapter(tmp_path / "ad", {"lora_bias": True, "lora_alpha": 6}, [m])   # s = 6/4 = 1.5
+    assert run("merge", tmp_path / "b", ad, "-o", tmp_path / "m", "-q")[0] == 0
+    got = load_file(tmp_path / "m" / "model.safetensors")["model.layers.0.self_attn.q_proj.bias"]
+    b = base["model.layers.0.self_attn.q_proj.bias"]
+    want = (b.astype(np.float32) + np.float32(1.5) * bias).astype(b.dtype)
+    assert got.tobytes() == want.tobytes()
+
+    data = os.path.join(os.path.dirname(__file__), "data", "adapters")
+    code, out, _ = run("inspect", os.path.join(data, "llama-patterns"), "--json")
+    mods = {m["module"]: m for m in json.loads(out)["modules"]}
+    expect = {"model.layers.0.self_attn.k_proj": (8, 32, 4.0), "model.layers.1.self_attn.q_proj": (4, 16, 4.0),
+              "model.layers.0.self_attn.v_proj": (2, 16, 8.0), "model.layers.1.self_attn.o_proj": (8, 4, 0.5)}
+    for name, (r, alpha, scale) in expect.items():
+        assert (mods[name]["rank"], mods[name]["alpha"], mods[name]["scale"]) == (r, alpha, scale), name
+    code, out, _ = run("inspect", os.path.join(data, "llama-rslora"), "--json")
+    assert {m["scale"] for m in json.loads(out)["modules"]} == {16 / 8 ** 0.5}

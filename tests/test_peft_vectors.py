@@ -155,9 +155,11 @@ def test_delta_weight_within_bound(case, mod):
 
 @pytest.mark.parametrize("case, mod", entries())
 def test_peft_delta_is_sequential_float32_fma(case, mod):
-    """Documents where the float32 ΔW differences come from: PEFT's order, reproduced exactly."""
+    """PEFT's ΔW order is a float32 FMA chain over r: the test's own emulation and ``lora.delta_weight``
+    (the reference every merge uses) both give PEFT's bits."""
     t, s, fifo, _ = layer(case, mod)
     assert_bits_equal(sequential_fma_delta(t["A"], t["B"], s, fifo), t["delta"], "ΔW in PEFT's order")
+    assert_bits_equal(lora.delta_weight(t["A"], t["B"], s, fifo), t["delta"], "lora.delta_weight")
 
 
 # --- merges: element-wise, so bit-exact given PEFT's ΔW ------------------------------------------

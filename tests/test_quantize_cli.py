@@ -59,6 +59,11 @@ def test_quantize_matches_bitsandbytes(tmp_path, name, dq):
                 assert bits(nested).tobytes() == bits(bnb_state.nested_absmax).tobytes(), weight
                 our_offset = json.loads(bytes(ours[state_key]).decode())["nested_offset"]
                 assert abs(our_offset - float(bnb_state.offset)) <= 2 * np.spacing(np.float32(our_offset))
+                # and the CLI's own tensors are exactly the nested quantisation with the offset it wrote
+                codes, nested, _ = double_quantize(raw_absmax, offset=np.float32(our_offset))
+                assert ours[f"{weight}.absmax"].tobytes() == codes.tobytes(), weight
+                assert bits(ours[f"{weight}.nested_absmax"]).tobytes() == bits(nested).tobytes(), weight
+                assert our_offset == float(double_quantize(raw_absmax)[2])   # the exact mean, by default
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert config["bnb_4bit_use_double_quant"] is dq and config["bnb_4bit_quant_type"] == "nf4"
 

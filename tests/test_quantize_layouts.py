@@ -384,4 +384,7 @@ def test_requantize_merges_an_adapter_that_also_touches_float_modules(tmp_path):
     out = load_file(tmp_path / "rq" / "model.safetensors")
     want = lora.merge_weight(load_file(folder / "model.safetensors")["pooler.dense.weight"], mods[1].A, mods[1].B, 2.0)
     assert out["pooler.dense.weight"].tobytes() == want.tobytes()
-    assert out[p + "mlp.up_proj.weight"].dtype == np.uint8
+    assert run("dequantize", tmp_path / "q", "-o", tmp_path / "dq")[0] == 0      # the 4-bit weight: re-quantised
+    W = load_file(tmp_path / "dq" / "model.safetensors")[p + "mlp.up_proj.weight"]
+    again = nf4.quantize(lora.merge_weight(W, mods[0].A, mods[0].B, 2.0), 64, True)
+    assert out[p + "mlp.up_proj.weight"].tobytes() == again.packed.tobytes()

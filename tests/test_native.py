@@ -511,3 +511,28 @@ def test_quantstate_bundles_match_the_reference():
     assert native.for_quant_type("nf4") is native and native.for_quant_type("fp4") is nf4
     with pytest.raises(ValueError, match="NF4 only"):
         native.quantize(x, 64, quant_type="fp4")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("K", [64, 128])
+def test_int16_gemv_rounds_x_to_nearest(variant, K):
+    """Known answer with non-integer x·8191/max: q = round(x·8191/max) (not truncated), N_c = round(NF4·2^14),
+    exact integer sums, d = float32(max/8191·2^-14). The float32 steps after the integer sums move y by
+    < 4·K·u of Σ|x||w|; truncating x would move it by ~1e-4 of it (the bound test cannot see a bias)."""
+    rng = np.random.default_rng(K)
+    N = 16
+    packed, absmax = native.quantize_nf4(rng.standard_normal((N, K)).astype(np.float32), 64)
+    x = (rng.standard_normal(K) * 3.7).astype(np.float32)
+    Nc = np.rint(np.asarray(NF4_VALUES, np.float32) * np.float32(16384)).astype(np.int64)
+    codes = nf4.unpack_nibbles(packed, N * K).reshape(N, K)
+    want = np.zeros(N)
+    for g in range(0, K, 64):
+        xg = x[g:g + 64].astype(np.float64)
+        m = np.abs(xg).max()
+        q = np.rint(xg * 8191 / m).astype(np.int64)
+        d = np.float64(np.float32(m / 8191 * 2.0**-14))
+        want += absmax.reshape(N, -1)[:, g // 64].astype(np.float64) * ((q * Nc[codes[:, g:g + 64]]).sum(axis=1) * d)
+    y = native.matmul_nf4(x[None, :], packed, absmax, N, K, 64, variant=variant, mode="int16")[0]
+    w = native.dequantize_nf4(packed, absmax, (N, K)).astype(np.float64)
+    scale = (np.abs(x.astype(np.float64)) * np.abs(w)).sum(axis=1)
+    assert np.all(np.abs(y - want) <= 4 * K * 2.0**-24 * scale)

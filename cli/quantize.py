@@ -21,11 +21,15 @@ from .common import force_option, human_bytes, json_option, print_json, quiet_op
 @click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="bnb_4bit_compute_dtype in quantization_config: the dtype transformers "
               "computes the 4-bit layers in (float32 is BitsAndBytesConfig's default).")
+@click.option("--nested-offset", "offset_mean", type=click.Choice(["exact", "torch"]), default="exact",
+              show_default=True, help="Double quantisation's offset: the correctly rounded mean of the absmax "
+              "values, or bitsandbytes' torch.mean on the CPU (its last bit differs in about half the tensors; "
+              "'torch' reproduces transformers' own CPU save byte for byte).")
 @force_option
 @json_option
 @quiet_option
-def quantize(model, output, blocksize, double_quant, quant_type, include, exclude, compute_dtype, force, as_json,
-             quiet):
+def quantize(model, output, blocksize, double_quant, quant_type, include, exclude, compute_dtype, offset_mean, force,
+             as_json, quiet):
     """Quantise a Hugging Face model folder to NF4, in the layout transformers + bitsandbytes load.
 
     By default the Linear weights of the decoder blocks are quantised; embeddings, norms,
@@ -37,7 +41,8 @@ def quantize(model, output, blocksize, double_quant, quant_type, include, exclud
       minilora quantize ./Llama-3.2-1B -o ./Llama-3.2-1B-nf4
     """
     report = quantize_checkpoint(model, output, int(blocksize), double_quant, quant_type, include, exclude,
-                                 force=force, quiet=quiet or as_json, compute_dtype=compute_dtype)
+                                 force=force, quiet=quiet or as_json, compute_dtype=compute_dtype,
+                                 offset_mean=offset_mean)
     if as_json:
         return print_json(report)
     t = report["totals"]

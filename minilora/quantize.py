@@ -156,9 +156,12 @@ def _finish_folder(ckpt, stage, weight_map, total_bytes, config_update):
 
 
 def quantize_checkpoint(model, out, blocksize=nf4.DEFAULT_BLOCKSIZE, double_quant=True,
-                        quant_type="nf4", include=(), exclude=(), force=False, quiet=True, compute_dtype="float32"):
+                        quant_type="nf4", include=(), exclude=(), force=False, quiet=True, compute_dtype="float32",
+                        offset_mean="exact"):
     """Quantise the selected Linear weights of ``model`` to NF4 / FP4; write ``out``; return a report."""
     t0 = time.perf_counter()
+    if offset_mean not in OFFSET_MEANS:
+        raise InputError(f"offset_mean must be one of {OFFSET_MEANS}, got {offset_mean!r}")
     out = os.path.abspath(str(out))
     check_output(out, [model], force)
     with Checkpoint(model) as ckpt:
@@ -182,7 +185,8 @@ def quantize_checkpoint(model, out, blocksize=nf4.DEFAULT_BLOCKSIZE, double_quan
                         row = {"name": name, "dtype": str(x.dtype), "shape": list(x.shape),
                                "bytes_before": x.nbytes, "quantized": name in chosen}
                         if name in chosen:
-                            parts = _quantize_one(ckpt, name, x, blocksize, double_quant, quant_type, row)
+                            parts = _quantize_one(ckpt, name, x, blocksize, double_quant, quant_type, row,
+                                                  offset_mean)
                         else:
                             parts = [(name, x)]
                         for key, value in parts:
@@ -205,15 +209,30 @@ def quantize_checkpoint(model, out, blocksize=nf4.DEFAULT_BLOCKSIZE, double_quan
                        "seconds": round(time.perf_counter() - t0, 3)}}
 
 
-def _quantize_one(ckpt, name, x, blocksize, double_quant, quant_type, row):
+OFFSET_MEANS = ("exact", "torch")
+
+
+def torch_mean_float32(absmax):
+    """bitsandbytes' double-quantisation offset, ``absmax.mean()`` of a CPU float32 torch tensor: torch's
+    own summation order, so its last bit can differ from the exact mean (docs/nf4.md §3)."""
+    import torch
+
+    return np.float32(torch.from_numpy(np.ascontiguousarray(absmax, dtype=np.float32)).mean().item())
+
+
+def _quantize_one(ckpt, name, x, blocksize, double_quant, quant_type, row, offset_mean="exact"):
     """The output tensors of one chosen weight; fills the report ``row``. A Conv1D weight ``(K, N)`` is
     quantised as ``(N, K)``, like transformers' ``Bnb4bitQuantize``. A weight holding NaN / inf gets no
-    error figures (they would be NaN) but its count of non-finite values."""
+    error figures (they would be NaN) but its count of non-finite values. ``offset_mean``: the double
+    quantisation offset as the exact mean (default) or as bitsandbytes' ``torch.mean`` on the CPU."""
     if architectures.is_conv1d(ckpt.config, name[: -len(".weight")]):
         x = np.ascontiguousarray(x.T)  # (N, K)
         row["transposed"] = True
     backend = native.for_quant_type(quant_type)
-    state = backend.quantize(x, blocksize, double_quant, quant_type)
+    offset = None
+    if double_quant and offset_mean == "torch":
+        offset = torch_mean_float32(backend.quantize(x, blocksize, False, quant_type).absmax)
+    state = backend.quantize(x, blocksize, double_quant, quant_type, offset)
     bad = int(x.size - np.count_nonzero(np.isfinite(x)))
     if bad:
         row.update(max_abs_error=None, rms_error=None, non_finite=bad)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from minilora import nf4
+from minilora import native, nf4
 from minilora.checkpoint import Checkpoint
 from minilora.cli.main import cli
 from minilora.double_quant import double_quantize
@@ -187,3 +187,37 @@ def test_inspect_reports_the_4bit_layers():
     code, out, _ = run("inspect", os.path.join(DATA, "bnb-nf4"), "--json")
     info = json.loads(out)
     assert len(info["quantized"]) == 14 and not any(s["double_quant"] for s in info["quantized"].values())
+
+
+def test_torch_mean_offset_reproduces_transformers_cpu_save_byte_for_byte(tmp_path):
+    """--nested-offset torch: the offset is bitsandbytes' own torch.mean, so every tensor (packed codes, nested
+    codes, nested absmax, quant-state JSON) equals what transformers + bitsandbytes wrote on the CPU; and on
+    weights where torch.mean and the exact mean part (checked: 5 of 8 here), the offset written is torch's."""
+    import torch
+
+    code, _, err = run("quantize", BASE, "-o", tmp_path / "q", "--nested-offset", "torch")
+    assert code == 0, err
+    ours = load_file(tmp_path / "q" / "model.safetensors")
+    theirs = load_file(os.path.join(DATA, "bnb-nf4-dq", "model.safetensors"))
+    assert set(ours) == set(theirs)
+    differ = [k for k in theirs if ours[k].dtype != theirs[k].dtype or bits(ours[k]).tobytes() != bits(theirs[k]).tobytes()]
+    assert differ == []
+
+    rng = np.random.default_rng(3)
+    weights = {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((256, 1024)).astype(np.float32)
+               for i in range(8)}
+    os.makedirs(tmp_path / "m")
+    save_file(weights, tmp_path / "m" / "model.safetensors")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    parted = 0
+    for mean in ("torch", "exact"):
+        assert run("quantize", tmp_path / "m", "-o", tmp_path / mean, "--nested-offset", mean)[0] == 0
+        q = load_file(tmp_path / mean / "model.safetensors")
+        for key, w in weights.items():
+            absmax = native.quantize_nf4(w)[1]
+            want = {"torch": np.float32(torch.from_numpy(absmax).mean().item()),
+                    "exact": double_quantize(absmax)[2]}
+            offset = json.loads(bytes(q[f"{key}.quant_state.bitsandbytes__nf4"]).decode())["nested_offset"]
+            assert np.float32(offset) == want[mean], (mean, key)
+            parted += mean == "torch" and want["torch"] != want["exact"]
+    assert parted >= 3

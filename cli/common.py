@@ -1,5 +1,6 @@
 """Shared CLI pieces: the --json / --quiet options and printing a report."""
 import json
+import math
 
 import click
 
@@ -14,8 +15,19 @@ fsync_option = click.option(
          "where the disk is slow; a crash or Ctrl-C still never leaves a partial output).")
 
 
+def _finite(value):
+    """JSON has no NaN / Infinity: non-finite floats are written as the strings "nan", "inf", "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def print_json(report):
-    click.echo(json.dumps(report, indent=2, default=str))
+    click.echo(json.dumps(_finite(report), indent=2, default=str, allow_nan=False))
 
 
 def human_bytes(n):

@@ -1,4 +1,6 @@
 """``minilora inspect``: what a checkpoint or adapter holds."""
+from collections import Counter
+
 import click
 
 from minilora.describe import describe
@@ -19,17 +21,20 @@ def inspect(path, tensors, as_json):
     """
     info = describe(path)
     if as_json:
+        if not tensors:
+            info.pop("tensors", None)
         return print_json(info)
     if info["kind"] == "checkpoint":
         click.echo(f"checkpoint {info['path']}  model_type={info['model_type']}  shards={len(info['shards'])}")
         if tensors:
             for t in info["tensors"]:
                 click.echo(f"  {t['name']:60s} {t['dtype']:9s} {tuple(t['shape'])}")
-        if info["quantized"]:
-            first = next(iter(info["quantized"].values()))
-            dq = "with" if first["double_quant"] else "without"
-            click.echo(f"  4-bit: {len(info['quantized'])} weights, {first['quant_type']} blocksize "
-                       f"{first['blocksize']} {dq} double quantisation, stored from {first['dtype']}")
+        kinds = Counter((q["quant_type"], q["blocksize"], q["double_quant"], q["dtype"])
+                        for q in info["quantized"].values())
+        for (quant_type, blocksize, double_quant, dtype), count in sorted(kinds.items()):
+            dq = "with" if double_quant else "without"
+            click.echo(f"  4-bit: {count} weights, {quant_type} blocksize {blocksize} {dq} double quantisation, "
+                       f"stored from {dtype}")
         for dtype, d in info["by_dtype"].items():
             click.echo(f"  {dtype}: {d['parameters']:,} parameters, {human_bytes(d['bytes'])}")
         click.echo(f"total: {info['parameters']:,} parameters, {human_bytes(info['bytes'])}")

@@ -65,7 +65,8 @@ def quantize(model, output, blocksize, double_quant, quant_type, include, exclud
 @quiet_option
 def dequantize(model, output, dtype, force, as_json, quiet):
     """Turn a 4-bit bitsandbytes checkpoint (minilora's or transformers') back into float weights,
-    bit-exact with bitsandbytes' dequantisation.
+    bit-exact with bitsandbytes' dequantisation (one exception: FP4's code 8 gives +0.0 where
+    bitsandbytes' C++ kernel gives -0.0). --dtype is also written into config.json.
 
     \b
     Example:

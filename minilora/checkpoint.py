@@ -17,6 +17,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from minilora.errors import InputError
 from minilora.safetensors_io import SafetensorsReader, save_file
 
@@ -406,3 +408,22 @@ def renamed_adapter(adapter, renames):
         modules[rename(name)] = LoraModule(rename(name), m.kind, m.A, m.B, m.magnitude, m.bias)
     full = {rename(k): v for k, v in adapter.full_tensors.items()}
     return Adapter(adapter.path, adapter.config, modules, full, {rename(k) for k in adapter.saved_base})
+
+
+def config_with_dtype(config, dtype):
+    """A copy of ``config.json``'s dict whose dtype field(s) say ``dtype`` (a float NumPy dtype): transformers
+    loads a checkpoint in the dtype its config names, so an output converted with ``--dtype`` must say so.
+    ``torch_dtype`` (transformers 4) and ``dtype`` (transformers 5) are both kept up to date where present."""
+    name = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}[np.dtype(dtype).name]
+    config = dict(config)
+    for key in ("torch_dtype", "dtype"):
+        if key in config or (key == "torch_dtype" and "dtype" not in config):
+            config[key] = name
+    return config
+
+
+def index_metadata(ckpt, total_size):
+    """The ``metadata`` of an output index: the input's (e.g. ``total_parameters``) with the new total size."""
+    metadata = dict(ckpt.index_metadata or {})
+    metadata["total_size"] = int(total_size)
+    return metadata

@@ -26,21 +26,33 @@ def describe(path):
 
 
 def describe_checkpoint(path):
+    """Parameters count model parameters: a 4-bit weight counts its quant state's shape (not its packed
+    bytes), its absmax / maps / state JSON count none; bytes count what is on disk."""
     with Checkpoint(path) as ckpt:
         tensors, params, nbytes = [], Counter(), Counter()
+        quantized = quantized_weights(ckpt.keys())
+        states = {k: read_state(ckpt, k) for k in quantized}
         for name in ckpt.keys():
             dtype, shape, size = ckpt.info(name)
             tensors.append({"name": name, "dtype": str(dtype), "shape": list(shape),
                             "shard": ckpt.shard_of[name]})
+            owner = name.rsplit(".weight.", 1)[0] + ".weight" if ".weight." in name else None
+            if name in states:
+                kind = f"{states[name].quant_type} (4-bit)"
+                params[kind] += int(np.prod(states[name].shape, dtype=np.int64))
+                nbytes[kind] += size
+                continue
+            if owner in states:  # absmax, nested statistics, maps, quant-state JSON: storage, not parameters
+                nbytes[f"{states[owner].quant_type} (4-bit)"] += size
+                continue
             params[str(dtype)] += int(np.prod(shape, dtype=np.int64))
             nbytes[str(dtype)] += size
         config = ckpt.config or {}
-        quantized = quantized_weights(ckpt.keys())
         return {"kind": "checkpoint", "path": ckpt.path, "shards": list(ckpt.readers),
-                "quantized": {k: _state_summary(read_state(ckpt, k)) for k in quantized},
+                "quantized": {k: _state_summary(s) for k, s in states.items()},
                 "model_type": config.get("model_type"), "architectures": config.get("architectures"),
                 "tensors": tensors, "parameters": sum(params.values()), "bytes": sum(nbytes.values()),
-                "by_dtype": {d: {"parameters": params[d], "bytes": nbytes[d]} for d in params}}
+                "by_dtype": {d: {"parameters": params[d], "bytes": nbytes[d]} for d in nbytes}}
 
 
 def _state_summary(state):

@@ -143,11 +143,18 @@ def diff(path_a, path_b, rtol=0.0, atol=0.0, bound=None, x=None, w=None, delta=F
     """Compare ``path_a`` with the reference ``path_b``; return a report with ``ok``."""
     if bound not in (None, "matmul"):
         raise InputError(f"--bound must be 'matmul', got {bound!r}")
+    for what, value in (("rtol", rtol), ("atol", atol)):
+        if not (np.isfinite(value) and value >= 0):
+            raise InputError(f"--{what} must be a finite number >= 0, got {value}")
+    if bound is None and (x is not None or w is not None):
+        raise InputError("--x and --w are the inputs of --bound matmul; give --bound matmul or leave them out")
     matmul = None
     if bound == "matmul":
         if x is None or w is None:
             raise InputError("--bound matmul needs --x and --w (the inputs of y = x wᵀ)")
         xs, ws = _load_single(x), _load_single(w)
+        if xs.ndim != 2 or ws.ndim != 2 or xs.shape[1] != ws.shape[1]:
+            raise InputError(f"--x {xs.shape} and --w {ws.shape} must be (M, K) and (N, K) of y = x wᵀ", x)
         matmul = testing.matmul_bound(xs, ws)
     for p in (path_a, path_b):
         if not os.path.exists(p):
@@ -156,6 +163,9 @@ def diff(path_a, path_b, rtol=0.0, atol=0.0, bound=None, x=None, w=None, delta=F
     try:
         ka, kb = a.keys(), b.keys()
         only_a, only_b = sorted(set(ka) - set(kb)), sorted(set(kb) - set(ka))
+        unknown = sorted(set(names or ()) - (set(ka) & set(kb)))
+        if unknown:
+            raise InputError(f"--tensor {unknown[0]} is not in both inputs", path_a)
         rows = []
         for name in [k for k in ka if k in set(kb)]:
             if names and name not in names:

@@ -18,8 +18,8 @@ import ml_dtypes
 import numpy as np
 
 from minilora import architectures, dora, lora, native
-from minilora.checkpoint import (ADAPTER_CONFIG, INDEX_NAME, Checkpoint, load_adapter, prefix_renames,
-                                 renamed_adapter, write_json)
+from minilora.checkpoint import (ADAPTER_CONFIG, INDEX_NAME, Checkpoint, config_with_dtype, index_metadata,
+                                 load_adapter, prefix_renames, renamed_adapter, write_json)
 from minilora.dtypes import dtype_from_name, is_float
 from minilora.errors import InputError
 from minilora.nf4_checkpoint import quantized_weights
@@ -397,6 +397,7 @@ def _process(reader, name, W, patches, replacement, out_dtype, sign, owned=False
     row = _row(reader, name, patches, out_dtype, replacement)
     if replacement is not None and sign > 0:
         W, owned = replacement.value, False
+    W_in = W
     convert = is_float(W.dtype) and W.dtype != out_dtype
     if convert and not patches:
         W, owned = W.astype(out_dtype), True
@@ -409,12 +410,6 @@ def _process(reader, name, W, patches, replacement, out_dtype, sign, owned=False
     else:
         inplace = owned and sign > 0 and len(patches) == 1
         W, max_delta = apply_patches(W, patches, sign, reader.path, name, inplace=inplace)
-    if patches and sign < 0:  # honest round trip: merging the result again, how far from the input are we?
-        again = apply_patches(W, patches, +1, reader.path, name)[0]
-        a, b = (_to(again, out_dtype), _to(W0, out_dtype)) if convert else (again, W0)
-        same = a.view(f"u{a.dtype.itemsize}") == b.view(f"u{b.dtype.itemsize}")
-        row["roundtrip_max_abs_error"] = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
-        row["roundtrip_bit_exact_fraction"] = float(same.mean()) if same.size else 1.0
     if convert and patches:
         out = _to(W, out_dtype)
         try:
@@ -422,10 +417,28 @@ def _process(reader, name, W, patches, replacement, out_dtype, sign, owned=False
         except ValueError as e:
             raise InputError(str(e), reader.path, name) from None
         W = out
+    if patches and sign < 0:
+        row.update(roundtrip_report(W, W_in, patches, reader.path, name))
     if patches or replacement is not None:
         row["max_abs_delta"] = max_delta
     row["_array"] = W
     return row
+
+
+def roundtrip_report(written, given, patches, path, name):
+    """The honest round trip of an unmerge: merge the tensor as written (in its own dtype) back, and say how
+    far that lands from the merged tensor as given: max |error| and the fraction of elements that come
+    back exactly (the same bits; equal values when --dtype changed the dtype)."""
+    again = apply_patches(written, patches, +1, path, name)[0]
+    a, b = again.astype(np.float64), given.astype(np.float64)
+    if again.dtype == given.dtype:
+        same = again.view(f"u{again.dtype.itemsize}") == given.view(f"u{given.dtype.itemsize}")
+    else:
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+    with np.errstate(invalid="ignore"):
+        err = np.abs(a - b)
+    return {"roundtrip_max_abs_error": float(np.nanmax(err, initial=0.0)),
+            "roundtrip_bit_exact_fraction": float(same.mean()) if same.size else 1.0}
 
 
 def _to(W, dtype):
@@ -439,19 +452,10 @@ def _copy_extras(ckpt, stage, rows, target=None):
     for name in ckpt.extra_files():
         src, dst = os.path.join(ckpt.folder, name), os.path.join(stage, name)
         if name == "config.json" and target is not None and isinstance(ckpt.config, dict):
-            config = dict(ckpt.config)
-            for field in ("torch_dtype", "dtype"):
-                if field in config or field == "torch_dtype" and "dtype" not in config:
-                    config[field] = DTYPE_NAMES[np.dtype(target)]
-            write_json(dst, config)
+            write_json(dst, config_with_dtype(ckpt.config, target))
         else:
             shutil.copy2(src, dst)
     if ckpt.index is not None:
         weight_map = {r["name"]: ckpt.shard_of[r["name"]] for r in rows}
-        metadata = dict(ckpt.index_metadata or {})
-        metadata["total_size"] = sum(r["bytes"] for r in rows)
-        write_json(os.path.join(stage, INDEX_NAME), {"metadata": metadata, "weight_map": weight_map})
-
-
-DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
-               np.dtype(ml_dtypes.bfloat16): "bfloat16"}
+        write_json(os.path.join(stage, INDEX_NAME), {"metadata": index_metadata(ckpt, sum(r["bytes"] for r in rows)),
+                                                     "weight_map": weight_map})

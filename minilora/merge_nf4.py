@@ -20,10 +20,10 @@ import shutil
 import numpy as np
 
 from minilora import architectures, native
-from minilora.checkpoint import INDEX_NAME, write_json
+from minilora.checkpoint import INDEX_NAME, config_with_dtype, index_metadata, write_json
 from minilora.dtypes import is_float
 from minilora.errors import InputError
-from minilora.merge import apply_patches, plan_patches
+from minilora.merge import apply_patches, plan_patches, roundtrip_report
 from minilora.nf4_checkpoint import check_parts, is_aux_key, quantized_weights, read_state, state_tensors
 from minilora.output import staged_folder
 from minilora.progress import Progress
@@ -61,9 +61,9 @@ def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign,
     for key in ckpt.keys():
         if is_aux_key(key):
             owner[key] = key.rsplit(".weight.", 1)[0] + ".weight"
-    rows, weight_map = [], {}
+    rows, weight_map, written = [], {}, 0
     total = sum(ckpt.info(k)[2] for k in ckpt.keys())
-    with staged_folder(out) as stage, Progress(total, "merge", enabled=not quiet) as progress:
+    with staged_folder(out) as stage, Progress(total, "merge" if sign > 0 else "unmerge", enabled=not quiet) as progress:
         for shard, reader in ckpt.readers.items():
             with SafetensorsAppender(os.path.join(stage, shard), reader.metadata, durable) as w:
                 for name in reader.keys():
@@ -72,16 +72,18 @@ def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign,
                         if requantize and owner[name] not in patches:
                             w.write(name, reader.get(name))       # untouched 4-bit weight: as it was
                             weight_map[name] = shard
+                            written += nbytes
                         progress.update(nbytes, name)
                         continue
                     for key, value, row in _one(ckpt, reader, name, quantized, state, patches, full,
                                                 target, requantize, sign):
                         w.write(key, value)
                         weight_map[key] = shard
+                        written += value.nbytes
                         if row:
                             rows.append(row)
                     progress.update(nbytes, name)
-        _finish(ckpt, stage, weight_map, requantize)
+        _finish(ckpt, stage, weight_map, requantize, None if requantize else target, written)
     return rows
 
 
@@ -93,19 +95,23 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
         x = replacement.value if replacement is not None else reader.get(name)
         if replacement is not None and replacement.saved_base and sign < 0:
             todo = []  # unmerging: the saved copy is the base itself
+        given = x
         convert = target is not None and not requantize and is_float(x.dtype) and x.dtype != target
         if convert and todo:
             x = x.astype(np.float32)  # merge in float32, convert once (as merge.py does)
         x = apply_patches(x, todo, sign, reader.path, name)[0] if todo else x
         if convert:
             x = x.astype(target)
-        return [(name, x, {"name": name, "dtype": str(x.dtype), "shape": list(x.shape),
-                           "bytes": x.nbytes, "adapters": [p.adapter for p in todo],
-                           "scale": [p.s for p in todo]})]
+        row = {"name": name, "dtype": str(x.dtype), "shape": list(x.shape), "bytes": x.nbytes,
+               "adapters": [p.adapter for p in todo], "scale": [p.s for p in todo]}
+        if todo and sign < 0:
+            row.update(roundtrip_report(x, given, todo, reader.path, name))
+        return [(name, x, row)]
     st = state(name)
     if requantize and not todo:
         return [(name, reader.get(name), None)]
     W = native.for_quant_type(st.quant_type).dequantize(st)                   # bit-exact with bitsandbytes
+    given = W
     if target is not None and not requantize and todo and W.dtype != target:
         W = W.astype(np.float32)  # merge in float32, convert once to --dtype (as merge.py does)
     W_new, _ = apply_patches(W, todo, sign, reader.path, name)
@@ -116,6 +122,8 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
         row["max_abs_delta"] = float(np.abs(delta).max())
     if not requantize:
         out = W_new.astype(target) if target is not None else W_new
+        if todo and sign < 0:  # merge the written weights back: how far from the dequantised input?
+            row.update(roundtrip_report(out, given, todo, reader.path, name))
         if architectures.is_conv1d(ckpt.config, name[: -len(".weight")]):
             out = np.ascontiguousarray(out.T)  # (K, N): Conv1D's own layout, as dequantize writes it
         row.update(dtype=str(out.dtype), shape=list(out.shape))
@@ -138,13 +146,16 @@ def _codes_changed(a, b, n):
 
 
 
-def _finish(ckpt, stage, weight_map, requantize):
+def _finish(ckpt, stage, weight_map, requantize, target=None, total_size=0):
     for name in ckpt.extra_files():
         if name != "config.json":
             shutil.copy2(os.path.join(ckpt.folder, name), os.path.join(stage, name))
     if ckpt.index is not None:
-        write_json(os.path.join(stage, INDEX_NAME), {"metadata": {}, "weight_map": weight_map})
+        write_json(os.path.join(stage, INDEX_NAME), {"metadata": index_metadata(ckpt, total_size),
+                                                     "weight_map": weight_map})
     config = dict(ckpt.config or {})
     if not requantize:
         config.pop("quantization_config", None)
+    if target is not None:
+        config = config_with_dtype(config, target)
     write_json(os.path.join(stage, "config.json"), config)

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from minilora import architectures, native, nf4
-from minilora.checkpoint import INDEX_NAME, Checkpoint, write_json
+from minilora.checkpoint import INDEX_NAME, Checkpoint, config_with_dtype, index_metadata, write_json
 from minilora.dtypes import dtype_from_name, is_float
 from minilora.errors import InputError
 from minilora.nf4_checkpoint import (check_parts, is_aux_key, quantization_config, quantized_weights,
@@ -147,7 +147,7 @@ def _finish_folder(ckpt, stage, weight_map, total_bytes, config_update):
         if name != "config.json":
             shutil.copy2(os.path.join(ckpt.folder, name), os.path.join(stage, name))
     if ckpt.index is not None:
-        write_json(os.path.join(stage, INDEX_NAME), {"metadata": {"total_size": total_bytes},
+        write_json(os.path.join(stage, INDEX_NAME), {"metadata": index_metadata(ckpt, total_bytes),
                                                      "weight_map": weight_map})
     config = dict(ckpt.config or {})
     config_update(config)
@@ -279,7 +279,11 @@ def dequantize_checkpoint(src, out, dtype=None, force=False, quiet=True):
                                      "dequantized": name in quantized, "bytes": x.nbytes})
                         progress.update(reader.info(name)[2], name)
             after = sum(r["bytes"] for r in rows)
-            _finish_folder(ckpt, stage, weight_map, after, lambda c: c.pop("quantization_config", None))
+            def plain(config):
+                config.pop("quantization_config", None)
+                if target is not None:  # transformers loads in the dtype the config names
+                    config.update(config_with_dtype(config, target))
+            _finish_folder(ckpt, stage, weight_map, after, plain)
     return {"input": ckpt.path, "output": out, "operation": "dequantize", "tensors": rows,
             "totals": {"tensors": len(rows), "dequantized": len(quantized), "bytes": after,
                        "seconds": round(time.perf_counter() - t0, 3)}}

@@ -1,0 +1,88 @@
+"""unmerge / dequantize / diff / inspect on the inputs a third audit found mishandled: the round-trip report
+under --dtype and for 4-bit bases, the dtype in config.json after --dtype, strict JSON, diff's option checks,
+and parameter counts of 4-bit folders."""
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from minilora import lora
+from minilora.checkpoint import load_adapter
+from minilora.cli.main import cli
+from minilora.safetensors_io import load_file
+from minilora.synthetic import llama_config, write_llama_checkpoint, write_lora_adapter
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "bnb")
+CONFIG = llama_config(hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, vocab=64, dtype="float32")
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    write_llama_checkpoint(root / "base", CONFIG, seed=0)
+    write_lora_adapter(root / "ad", CONFIG, rank=4, alpha=8, targets=("q_proj", "v_proj"), seed=1, std=0.1)
+    return root
+
+
+def test_unmerge_with_dtype_reports_the_round_trip_of_what_it_wrote(models, tmp_path):
+    assert run("merge", models / "base", models / "ad", "-o", tmp_path / "m", "-q")[0] == 0
+    code, out, err = run("unmerge", tmp_path / "m", models / "ad", "-o", tmp_path / "u", "--dtype", "bfloat16", "--json")
+    assert code == 0, err
+    key = "model.layers.0.self_attn.q_proj.weight"
+    row = next(r for r in json.loads(out)["tensors"] if r["name"] == key)
+    written = load_file(tmp_path / "u" / "model.safetensors")[key]
+    given = load_file(tmp_path / "m" / "model.safetensors")[key]
+    m = load_adapter(models / "ad").modules[key[: -len(".weight")]]
+    again = lora.merge_weight(written, m.A, m.B, 2.0).astype(np.float64)   # merged back in the written dtype
+    assert row["roundtrip_max_abs_error"] == float(np.abs(again - given.astype(np.float64)).max()) > 0
+    assert row["roundtrip_bit_exact_fraction"] == float((again == given.astype(np.float64)).mean()) < 0.5
+    config = json.loads((tmp_path / "u" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+def test_4bit_unmerge_reports_a_round_trip_and_dtype_reaches_config(tmp_path):
+    nf4 = os.path.join(DATA, "bnb-nf4-dq")
+    write_lora_adapter(tmp_path / "ad", llama_config(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
+                                                     vocab=128), rank=4, targets=("q_proj",), seed=2, std=0.1)
+    code, out, err = run("unmerge", nf4, tmp_path / "ad", "-o", tmp_path / "u", "--json")
+    assert code == 0, err
+    rows = [r for r in json.loads(out)["tensors"] if r["adapters"]]
+    assert rows and all("roundtrip_max_abs_error" in r and "roundtrip_bit_exact_fraction" in r for r in rows)
+    for folder, args in ((tmp_path / "dq", ["dequantize", nf4]), (tmp_path / "mg", ["merge", nf4, tmp_path / "ad"])):
+        assert run(*args, "-o", folder, "--dtype", "float16", "-q")[0] == 0
+        config = json.loads((folder / "config.json").read_text())
+        assert config.get("dtype", config.get("torch_dtype")) == "float16" and "quantization_config" not in config
+        assert {str(v.dtype) for v in load_file(folder / "model.safetensors").values()} == {"float16"}
+
+
+def test_diff_json_is_strict_and_options_are_checked(tmp_path):
+    np.save(tmp_path / "a.npy", np.array([1.0, np.nan, 3.0], np.float32))
+    np.save(tmp_path / "b.npy", np.array([1.0, 2.0, 3.0], np.float32))
+    code, out, _ = run("diff", tmp_path / "a.npy", tmp_path / "b.npy", "--json")
+    assert code == 1
+    report = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert report["tensors"][0]["max_abs_error"] == "inf"
+    np.save(tmp_path / "x.npy", np.ones((4, 8), np.float32))
+    np.save(tmp_path / "w.npy", np.ones((5, 6), np.float32))
+    for args, message in ((["--rtol", "-1"], "--rtol must be"), (["--atol", "nan"], "--atol must be"),
+                          (["--tensor", "nosuch"], "--tensor nosuch"), (["--x", tmp_path / "x.npy"], "--bound matmul"),
+                          (["--bound", "matmul", "--x", tmp_path / "x.npy", "--w", tmp_path / "w.npy"], "must be (M, K)")):
+        code, _, err = run("diff", tmp_path / "b.npy", tmp_path / "b.npy", *args)
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+
+
+def test_inspect_counts_parameters_of_4bit_weights_from_their_shapes():
+    counts = []
+    for name in ("tiny-llama-bf16", "bnb-nf4", "bnb-nf4-dq"):
+        code, out, _ = run("inspect", os.path.join(DATA, name), "--json", "--no-tensors")
+        info = json.loads(out)
+        assert code == 0 and "tensors" not in info
+        counts.append(info["parameters"])
+    assert counts[0] == counts[1] == counts[2] == 78144

@@ -22,8 +22,8 @@ from .common import json_option, print_json
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, not only those outside tolerance.")
 @json_option
 def diff(a, b, rtol, atol, bound, x_path, w_path, delta, names, show_all, as_json):
-    """Compare A with the reference B, tensor by tensor. Exit 0 when every tensor is within
-    tolerance (default: bit-identical), 1 when not, 2 on bad input.
+    """Compare A with the reference B, tensor by tensor. Exit 0 when both hold the same tensor names and
+    every tensor is within tolerance (default: bit-identical), 1 when not, 2 on bad input.
 
     Reads .npy, .safetensors, model folders (single or sharded), PEFT adapters and 4-bit
     bitsandbytes folders, in any mix; a 4-bit weight is dequantised to compare with a float one,

@@ -24,7 +24,7 @@ from .common import force_option, human_bytes, json_option, print_json, quiet_op
 @click.option("--nested-offset", "offset_mean", type=click.Choice(["exact", "torch"]), default="exact",
               show_default=True, help="Double quantisation's offset: the correctly rounded mean of the absmax "
               "values, or bitsandbytes' torch.mean on the CPU (its last bit differs in about half the tensors; "
-              "'torch' reproduces transformers' own CPU save byte for byte).")
+              "'torch' reproduces transformers' own CPU save tensor for tensor).")
 @force_option
 @json_option
 @quiet_option

@@ -84,9 +84,12 @@ class DirectSink:
 
     def close(self):
         if self._view is not None:
-            self._view.release()
-            self._buf.close()
-            self._view = None
+            view, buf, self._view = self._view, self._buf, None
+            try:
+                view.release()
+                buf.close()
+            except BufferError:  # a slice of it is still held by an interrupted frame (Ctrl-C, SIGTERM
+                pass             # mid-copy): the mapping is freed with the last reference instead
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

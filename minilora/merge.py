@@ -48,7 +48,7 @@ class Patch:
             with np.errstate(all="ignore"):  # overflow is reported just below
                 delta = (np.float32(self.s) * m.bias.astype(np.float32)) * np.float32(sign)
                 out = (W.astype(np.float32) + delta).astype(W.dtype)
-            _check_new_nonfinite(out, W, verb, "bias")
+            check_new_nonfinite(out, W, verb, "bias")
             return out, float(np.max(np.abs(out.astype(np.float32) - W.astype(np.float32)), initial=0.0))
         if m.magnitude is not None:  # DoRA (plan_patches refuses to unmerge it)
             adapted = native.merge_weight_stats(W.astype(np.float32), m.A, m.B, self.s, ffio)[0]
@@ -69,13 +69,14 @@ class Patch:
         return out, max_delta
 
 
-def _check_new_nonfinite(out, W, verb, what):
+def check_new_nonfinite(out, W, verb, what):
+    """ValueError if ``out`` has NaN / inf where ``W`` was finite (``out``'s dtype is the one too small)."""
     with np.errstate(all="ignore"):
-        new = ~np.isfinite(out.astype(np.float32)) & np.isfinite(W.astype(np.float32))
+        new = ~np.isfinite(out.astype(np.float64)) & np.isfinite(W.astype(np.float64))
     if new.any():
-        index = tuple(int(i) for i in np.argwhere(new)[0])
+        index = tuple(int(i) for i in np.argwhere(new)[0]) if new.ndim else ()
         raise ValueError(f"{verb} produced {int(new.sum())} NaN/inf values in the {what} (first at index {index}) "
-                         f"from finite base values; the adapter or --scale is too large for {W.dtype}")
+                         f"from finite base values; the values are too large for {out.dtype}")
 
 
 def plan_patches(ckpt, adapters, scale=1.0, sign=+1, info=None, target=None, linear_keys=(), tied_ok=False,
@@ -278,9 +279,9 @@ def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, qu
         if quantized_weights(ckpt.keys()):
             from minilora.merge_nf4 import merge_quantized
 
-            rows = merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable, tied_ok,
-                                   renamed)
-            return _report(base, adapters, out, sign, rows, t0, renamed)
+            rows, written = merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable,
+                                            tied_ok, renamed)
+            return _report(base, adapters, out, sign, rows, t0, renamed, written)
         if requantize:
             raise InputError("--requantize needs a 4-bit (bitsandbytes NF4/FP4) base", ckpt.path)
         patches, full = plan_patches(ckpt, adapters, scale, sign, target=target, tied_ok=tied_ok, renamed=renamed)
@@ -304,9 +305,9 @@ def _files_read_beside(base, adapters):
     return paths
 
 
-def _report(base, adapters, out, sign, rows, t0, renamed=None):
+def _report(base, adapters, out, sign, rows, t0, renamed=None, written=None):
     seconds = time.perf_counter() - t0
-    nbytes = sum(r["bytes"] for r in rows)
+    nbytes = sum(r["bytes"] for r in rows) if written is None else written  # tensor bytes written
     return {"base": os.path.abspath(str(base)), "adapters": [a.path for a in adapters], "output": out,
             "operation": "merge" if sign > 0 else "unmerge", "tensors": rows, "renamed_modules": renamed or {},
             "totals": {"tensors": len(rows), "changed": sum(1 for r in rows if r["adapters"]),
@@ -400,7 +401,11 @@ def _process(reader, name, W, patches, replacement, out_dtype, sign, owned=False
     W_in = W
     convert = is_float(W.dtype) and W.dtype != out_dtype
     if convert and not patches:
-        W, owned = W.astype(out_dtype), True
+        W, owned = _to(W, out_dtype), True
+        try:
+            check_new_nonfinite(W, W_in, "converting to --dtype", "values")
+        except ValueError as e:
+            raise InputError(str(e), reader.path, name) from None
     elif convert:
         W, owned = W.astype(np.float32), True  # exact: float16 / bfloat16 / float32 -> float32
     W0 = W
@@ -413,7 +418,7 @@ def _process(reader, name, W, patches, replacement, out_dtype, sign, owned=False
     if convert and patches:
         out = _to(W, out_dtype)
         try:
-            _check_new_nonfinite(out, W, "converting the merge to --dtype", "weights")
+            check_new_nonfinite(out, W, "converting the merge to --dtype", "weights")
         except ValueError as e:
             raise InputError(str(e), reader.path, name) from None
         W = out

@@ -23,7 +23,7 @@ from minilora import architectures, native
 from minilora.checkpoint import INDEX_NAME, config_with_dtype, index_metadata, write_json
 from minilora.dtypes import is_float
 from minilora.errors import InputError
-from minilora.merge import apply_patches, plan_patches, roundtrip_report
+from minilora.merge import apply_patches, check_new_nonfinite, plan_patches, roundtrip_report
 from minilora.nf4_checkpoint import check_parts, is_aux_key, quantized_weights, read_state, state_tensors
 from minilora.output import staged_folder
 from minilora.progress import Progress
@@ -33,7 +33,8 @@ from minilora.safetensors_io import SafetensorsAppender
 
 def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable=True, tied_ok=False,
                     renamed=None):
-    """Merge ``adapters`` into the 4-bit checkpoint ``ckpt``; write the folder ``out``; return rows."""
+    """Merge ``adapters`` into the 4-bit checkpoint ``ckpt``; write the folder ``out``; return ``(rows, bytes
+    of tensor data written)`` (rows cover the tensors that were merged, dequantised or copied in float)."""
     if ckpt.folder is None:
         raise InputError("a 4-bit base must be a model folder", ckpt.path)
     if requantize and target is not None:
@@ -84,7 +85,7 @@ def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign,
                             rows.append(row)
                     progress.update(nbytes, name)
         _finish(ckpt, stage, weight_map, requantize, None if requantize else target, written)
-    return rows
+    return rows, written
 
 
 def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize, sign):
@@ -101,7 +102,12 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
             x = x.astype(np.float32)  # merge in float32, convert once (as merge.py does)
         x = apply_patches(x, todo, sign, reader.path, name)[0] if todo else x
         if convert:
-            x = x.astype(target)
+            converted = x.astype(target)
+            try:
+                check_new_nonfinite(converted, x, "converting to --dtype", "values")
+            except ValueError as e:
+                raise InputError(str(e), reader.path, name) from None
+            x = converted
         row = {"name": name, "dtype": str(x.dtype), "shape": list(x.shape), "bytes": x.nbytes,
                "adapters": [p.adapter for p in todo], "scale": [p.s for p in todo]}
         if todo and sign < 0:
@@ -126,7 +132,7 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
             row.update(roundtrip_report(out, given, todo, reader.path, name))
         if architectures.is_conv1d(ckpt.config, name[: -len(".weight")]):
             out = np.ascontiguousarray(out.T)  # (K, N): Conv1D's own layout, as dequantize writes it
-        row.update(dtype=str(out.dtype), shape=list(out.shape))
+        row.update(dtype=str(out.dtype), shape=list(out.shape), bytes=out.nbytes)
         return [(name, out, row)]
     new = native.for_quant_type(st.quant_type).quantize(W_new, st.blocksize, st.nested_codes is not None, st.quant_type)
     realised = native.for_quant_type(st.quant_type).dequantize(new, np.float32).astype(np.float64) - W.astype(np.float64)
@@ -135,7 +141,9 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
                delta_rel_error=float(np.linalg.norm(realised - delta) / norm) if norm else 0.0,
                codes_changed=_codes_changed(new.packed, st.packed, int(np.prod(st.shape))))
     storage = reader.info(name)[0]  # bitsandbytes' quant_storage: uint8, or e.g. bfloat16 holding the same bytes
-    return [(k, v, row if k == name else None) for k, v in state_tensors(name, new, storage)]
+    parts = state_tensors(name, new, storage)
+    row["bytes"] = sum(np.asarray(v).nbytes for _, v in parts)  # what is written, not the float size
+    return [(k, v, row if k == name else None) for k, v in parts]
 
 
 def _codes_changed(a, b, n):

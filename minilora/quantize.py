@@ -23,6 +23,7 @@ from minilora import architectures, native, nf4
 from minilora.checkpoint import INDEX_NAME, Checkpoint, config_with_dtype, index_metadata, write_json
 from minilora.dtypes import dtype_from_name, is_float
 from minilora.errors import InputError
+from minilora.merge import check_new_nonfinite
 from minilora.nf4_checkpoint import (check_parts, is_aux_key, quantization_config, quantized_weights,
                                      read_state, skip_list, skipped_by, state_tensors)
 from minilora.output import check_output, staged_folder
@@ -247,6 +248,8 @@ def dequantize_checkpoint(src, out, dtype=None, force=False, quiet=True):
     dequantisation); ``dtype`` overrides the dtype recorded in each quant state."""
     t0 = time.perf_counter()
     out = os.path.abspath(str(out))
+    if out.endswith(".safetensors"):
+        raise InputError("the output of dequantize is a model folder; give -o a folder name", out)
     check_output(out, [src], force)
     target = dtype_from_name(dtype)
     with Checkpoint(src) as ckpt:
@@ -272,7 +275,13 @@ def dequantize_checkpoint(src, out, dtype=None, force=False, quiet=True):
                                 x = np.ascontiguousarray(x.T)  # (K, N): Conv1D's own layout
                         else:
                             x = reader.get(name)
-                            x = x.astype(target) if target is not None and is_float(x.dtype) else x
+                            if target is not None and is_float(x.dtype):
+                                converted = x.astype(target)
+                                try:
+                                    check_new_nonfinite(converted, x, "converting to --dtype", "values")
+                                except ValueError as e:
+                                    raise InputError(str(e), reader.path, name) from None
+                                x = converted
                         w.write(name, x)
                         weight_map[name] = shard
                         rows.append({"name": name, "dtype": str(x.dtype), "shape": list(x.shape),

@@ -86,3 +86,29 @@ def test_inspect_counts_parameters_of_4bit_weights_from_their_shapes():
         assert code == 0 and "tensors" not in info
         counts.append(info["parameters"])
     assert counts[0] == counts[1] == counts[2] == 78144
+
+
+def test_dtype_conversion_that_overflows_is_refused_for_every_tensor(tmp_path):
+    """--dtype float16 on a float32 tensor no adapter touches (a norm of 1e6): one line, not a silent inf."""
+    write_llama_checkpoint(tmp_path / "b", CONFIG, seed=0)
+    from minilora.safetensors_io import save_file
+    tensors = load_file(tmp_path / "b" / "model.safetensors")
+    tensors["model.norm.weight"] = np.full_like(tensors["model.norm.weight"], 1e6)
+    save_file(tensors, tmp_path / "b" / "model.safetensors")
+    write_lora_adapter(tmp_path / "ad", CONFIG, rank=4, targets=("q_proj",), seed=1)
+    code, _, err = run("merge", tmp_path / "b", tmp_path / "ad", "-o", tmp_path / "o", "--dtype", "float16")
+    assert code == 2 and "model.norm.weight" in err and "too large for float16" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_requantize_report_counts_written_bytes_and_dequantize_wants_a_folder(tmp_path):
+    nf4 = os.path.join(DATA, "bnb-nf4-dq")
+    write_lora_adapter(tmp_path / "ad", llama_config(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
+                                                     vocab=128), rank=4, targets=("q_proj",), seed=2, std=0.1)
+    code, out, err = run("merge", nf4, tmp_path / "ad", "-o", tmp_path / "rq", "--requantize", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    size = os.path.getsize(tmp_path / "rq" / "model.safetensors")
+    assert 0 < size - report["totals"]["bytes"] < 16384                     # the rest is the header
+    code, _, err = run("dequantize", nf4, "-o", tmp_path / "dq.safetensors")
+    assert code == 2 and "give -o a folder name" in err and not os.path.exists(tmp_path / "dq.safetensors")

@@ -206,3 +206,16 @@ def test_direct_writer_aborts_cleanly(tmp_path, monkeypatch):
             w.write("a", np.ones(5000, np.float32))
             raise RuntimeError("interrupted")
     assert os.listdir(tmp_path) == []
+
+
+def test_direct_sink_closes_while_a_slice_is_still_held(tmp_path):
+    """Ctrl-C / SIGTERM inside DirectSink.put leaves a slice of its buffer in the interrupted frame; the
+    writer's abort must still close it (it raised BufferError, a traceback instead of one line)."""
+    import mmap
+
+    sink = direct_io.DirectSink.__new__(direct_io.DirectSink)  # its staging buffer, without the O_DIRECT file
+    sink._fd, sink._buf = -1, mmap.mmap(-1, 4096)
+    sink._view = memoryview(sink._buf)
+    held = sink._view[0:16]
+    sink.close()
+    assert sink._view is None and len(held) == 16

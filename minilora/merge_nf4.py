@@ -23,7 +23,7 @@ from minilora import architectures, native
 from minilora.checkpoint import INDEX_NAME, config_with_dtype, index_metadata, write_json
 from minilora.dtypes import is_float
 from minilora.errors import InputError
-from minilora.merge import apply_patches, check_new_nonfinite, plan_patches, roundtrip_report
+from minilora.merge_plan import apply_patches, convert_checked, plan_patches, roundtrip_report
 from minilora.nf4_checkpoint import check_parts, is_aux_key, quantized_weights, read_state, state_tensors
 from minilora.output import staged_folder
 from minilora.progress import Progress
@@ -102,12 +102,7 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
             x = x.astype(np.float32)  # merge in float32, convert once (as merge.py does)
         x = apply_patches(x, todo, sign, reader.path, name)[0] if todo else x
         if convert:
-            converted = x.astype(target)
-            try:
-                check_new_nonfinite(converted, x, "converting to --dtype", "values")
-            except ValueError as e:
-                raise InputError(str(e), reader.path, name) from None
-            x = converted
+            x = convert_checked(x, target, reader.path, name)
         row = {"name": name, "dtype": str(x.dtype), "shape": list(x.shape), "bytes": x.nbytes,
                "adapters": [p.adapter for p in todo], "scale": [p.s for p in todo]}
         if todo and sign < 0:

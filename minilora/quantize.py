@@ -23,7 +23,7 @@ from minilora import architectures, native, nf4
 from minilora.checkpoint import INDEX_NAME, Checkpoint, config_with_dtype, index_metadata, write_json
 from minilora.dtypes import dtype_from_name, is_float
 from minilora.errors import InputError
-from minilora.merge import check_new_nonfinite
+from minilora.merge_plan import convert_checked
 from minilora.nf4_checkpoint import (check_parts, is_aux_key, quantization_config, quantized_weights,
                                      read_state, skip_list, skipped_by, state_tensors)
 from minilora.output import check_output, staged_folder
@@ -276,12 +276,7 @@ def dequantize_checkpoint(src, out, dtype=None, force=False, quiet=True):
                         else:
                             x = reader.get(name)
                             if target is not None and is_float(x.dtype):
-                                converted = x.astype(target)
-                                try:
-                                    check_new_nonfinite(converted, x, "converting to --dtype", "values")
-                                except ValueError as e:
-                                    raise InputError(str(e), reader.path, name) from None
-                                x = converted
+                                x = convert_checked(x, target, reader.path, name)
                         w.write(name, x)
                         weight_map[name] = shard
                         rows.append({"name": name, "dtype": str(x.dtype), "shape": list(x.shape),

@@ -208,19 +208,15 @@ def module_layouts(ckpt, adapter, shapes, linear_keys=()):
     return decided
 
 
-# Input embeddings that transformers ties to the output layer of a language-model head (tie_word_embeddings).
-TIED_INPUT_EMBEDDINGS = ("embed_tokens", "wte", "shared", "word_embeddings", "embed_in")
-LM_HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM", "WithLMHead")
-
-
 def tied_output(config, module):
     """True if ``module`` is an input embedding that the model's output layer shares: the config (or its
     text_config) ties word embeddings and its architecture has a language-model head."""
-    if not isinstance(config, dict) or module.rsplit(".", 1)[-1] not in TIED_INPUT_EMBEDDINGS:
+    if not isinstance(config, dict) or module.rsplit(".", 1)[-1] not in architectures.TIED_INPUT_EMBEDDINGS:
         return False
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
-    heads = [a for a in config.get("architectures") or [] if isinstance(a, str) and a.endswith(LM_HEAD_CLASSES)]
+    heads = [a for a in config.get("architectures") or []
+             if isinstance(a, str) and a.endswith(architectures.LM_HEAD_CLASSES)]
     return bool(tied) and bool(heads)
 
 

@@ -32,31 +32,6 @@ from minilora.safetensors_io import SafetensorsAppender
 
 BLOCK_RE = re.compile(r"(^|\.)(layers|h|layer|blocks|block)\.\d+\.")
 SKIP_PARTS = ("norm", "embed", "ln_", "lm_head", "wte", "wpe")
-# Leaf names of nn.Embedding modules in transformers (T5's relative_attention_bias sits inside the blocks).
-EMBEDDINGS = ("embed_tokens", "embed_positions", "word_embeddings", "position_embeddings", "token_type_embeddings",
-              "wte", "wpe", "shared", "relative_attention_bias", "global_relative_attention_bias")
-EXPERT_RE = re.compile(r"\.experts\.\d+\.")  # one expert's weights in a MoE layer: experts.3.w1, experts.3.up_proj
-ROUTERS = ("gate", "router")
-# Linear layers that transformers 5.23 never converts to Linear4bit: the model class's _keep_in_fp32_modules
-# (matched like llm_int8_skip_modules), by config.json model_type. Entries that name no Linear (norms,
-# query_tokens) are left out.
-KEEP_FLOAT = {
-    **dict.fromkeys(("t5", "mt5", "umt5", "udop", "pop2piano"), ("wo",)),
-    "blip-2": ("qformer",),
-    **dict.fromkeys(("deepseek_v32", "glm_moe_dsa", "mistral_large4", "axk2"), ("indexer.weights_proj",)),
-    "deepseek_v4": ("self_attn.compressor.kv_proj", "self_attn.compressor.gate_proj",
-                    "self_attn.compressor.indexer.kv_proj", "self_attn.compressor.indexer.gate_proj",
-                    "self_attn.compressor.indexer.scorer.weights_proj"),
-}
-# Output layers that transformers ties to the input embedding (then absent from the checkpoint) -> the tensor
-# that shows the model has that head (None: assume it). transformers skips them by default, but not once
-# llm_int8_skip_modules is set.
-TIED_OUTPUTS = {"lm_head": None, "cls.predictions.decoder": "cls.predictions.bias",   # BERT-family MLM
-                "lm_head.decoder": "lm_head.bias", "generator_lm_head": "generator_lm_head.bias",  # RoBERTa, ELECTRA
-                "proj_out": "model.decoder.embed_tokens.weight", "vocab_projector": "vocab_projector.bias"}  # Whisper, DistilBERT
-# Layers built from a subclass of nn.Linear, which transformers 5.23 does not convert (it converts modules of
-# type nn.Linear exactly, integrations/bitsandbytes.py): by model_type, the leaf names of such layers.
-LINEAR_SUBCLASSES = {"falcon": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")}
 QUANTIZABLE = tuple(np.dtype(t) for t in (np.float32, np.float16)) + (dtype_from_name("bfloat16"),)
 
 
@@ -64,7 +39,8 @@ def keep_float(config):
     """``(model_type, pattern)`` of the modules transformers keeps in float for this config and its
     sub-configs (a composite model, e.g. BLIP-2 with a T5 language model, merges its parts' lists)."""
     configs = [config] + [v for v in (config or {}).values() if isinstance(v, dict)]
-    return [(t, p) for c in configs for t in [architectures.model_type(c)] for p in KEEP_FLOAT.get(t, ())]
+    return [(t, p) for c in configs for t in [architectures.model_type(c)]
+            for p in architectures.KEEP_FLOAT.get(t, ())]
 
 
 def not_linear(module, moe_layers, keep=(), model_type_of=None):
@@ -72,15 +48,15 @@ def not_linear(module, moe_layers, keep=(), model_type_of=None):
     or one that transformers keeps in float), or None. ``moe_layers``: the names ``P`` of the
     checkpoint's ``P.experts.…`` tensors; ``keep``: ``keep_float(config)``."""
     parent, _, leaf = module.rpartition(".")
-    if leaf in EMBEDDINGS:
+    if leaf in architectures.EMBEDDINGS:
         return "an embedding (nn.Embedding in transformers), which bitsandbytes does not quantise"
-    if EXPERT_RE.search(module + "."):
+    if architectures.EXPERT_RE.search(module + "."):
         return ("a weight of one MoE expert: transformers 5 fuses the experts into 3-D tensors, which "
                 "bitsandbytes does not quantise")
-    if leaf in ROUTERS and parent in moe_layers:
+    if leaf in architectures.ROUTERS and parent in moe_layers:
         return ("the router of a MoE layer: transformers 5 holds it as a plain parameter, which bitsandbytes "
                 "does not quantise")
-    if leaf in LINEAR_SUBCLASSES.get(model_type_of, ()):
+    if leaf in architectures.LINEAR_SUBCLASSES.get(model_type_of, ()):
         return (f"a {model_type_of} layer built from a subclass of nn.Linear, which transformers does not "
                 f"convert to Linear4bit")
     for model_type, pattern in keep:
@@ -121,11 +97,11 @@ def select_weights(ckpt, include=(), exclude=()):
 
 def float_modules(ckpt, chosen):
     """Modules whose 2-D float weight stays in float (transformers must not convert them), plus the output
-    layers tied to the input embedding, which have no tensor of their own (``TIED_OUTPUTS``). One MoE
-    expert's weights are no module in transformers 5: left out."""
+    layers tied to the input embedding, which have no tensor of their own (``architectures.TIED_OUTPUTS``).
+    One MoE expert's weights are no module in transformers 5: left out."""
     kept = [k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight") and k not in chosen
-            and len(ckpt.info(k)[1]) == 2 and is_float(ckpt.info(k)[0]) and not EXPERT_RE.search(k)]
-    tied = [m for m, evidence in TIED_OUTPUTS.items() if f"{m}.weight" not in chosen
+            and len(ckpt.info(k)[1]) == 2 and is_float(ckpt.info(k)[0]) and not architectures.EXPERT_RE.search(k)]
+    tied = [m for m, evidence in architectures.TIED_OUTPUTS.items() if f"{m}.weight" not in chosen
             and (evidence is None or evidence in ckpt)]
     return kept + tied
 

@@ -41,11 +41,14 @@ int minilora_saxpy(int64_t n, float a, const float *x, float *y);
 /* ---- threads.c: a small pthread pool in which the caller also works ---- */
 /* The thread count a kernel uses for `nthreads` (0 = automatic) and `work` bytes touched. */
 int minilora_resolve_threads(int nthreads, int64_t work);
-/* Cut [0, n) into chunks of whole `grain`s (about 4 per thread); the caller and nthreads - 1 workers
+/* Cut [0, n) into chunks of whole `grain`s (about 16 per thread); the caller and nthreads - 1 workers
  * claim them and run fn(ctx, tid, begin, end), tid in [0, nthreads) (0 = the caller). Returns when every
  * chunk is done. The chunks depend only on (n, grain, nthreads), never on scheduling. */
 int minilora_parallel_for(int nthreads, int64_t n, int64_t grain,
                           void (*fn)(void *ctx, int tid, int64_t begin, int64_t end), void *ctx);
+/* For tests: the generation of the pool's last job (0: none since the start or since a fork) and how
+ * many pool threads exist in this process. */
+int minilora_pool_state(uint32_t *generation, int *workers);
 
 /* ---- nf4.c: quantise / dequantise ---- */
 /* x (n,) float32 -> packed ((n+1)/2,) uint8, absmax (ceil(n/blocksize),) float32. blocksize in

@@ -1,7 +1,7 @@
 /* A small pthread pool in which the caller also works (no OpenMP).
  *
  * minilora_parallel_for(nthreads, n, grain, fn, ctx): [0, n) is cut into chunks, each a whole number of
- * `grain`s (the last may be short), about 4 per thread; the caller and nthreads - 1 pool workers claim
+ * `grain`s (the last may be short), about 16 per thread; the caller and nthreads - 1 pool workers claim
  * chunks one at a time and run fn(ctx, tid, begin, end), tid in [0, nthreads) naming the thread (0 = the
  * caller) so that a kernel can give each thread its own scratch. The chunks are fixed by (n, grain,
  * nthreads) and a chunk computes the same thing whichever thread claims it: no result bit depends on
@@ -21,6 +21,7 @@
  */
 #include <pthread.h>
 #include <stdatomic.h>
+#include <string.h>
 #include <stdint.h>
 #include <unistd.h>
 #include "minilora.h"
@@ -34,6 +35,7 @@ struct job {
     int64_t n, chunk, nchunks;
     int nthreads;
     uint32_t generation;
+    unsigned int mxcsr;      /* the caller's floating-point mode (flush-to-zero, denormals-are-zero, ...) */
 };
 
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;   /* guards `current` and the condvars */
@@ -45,6 +47,26 @@ static struct job current;
 static atomic_uint generation;                               /* bumped once per job */
 static atomic_uint_fast64_t claim;                           /* generation << 32 | next chunk */
 static atomic_int_fast64_t finished;                         /* chunks of the current job done */
+
+/* Workers take the caller's SSE/AVX floating-point mode for each job, so that a caller that set
+ * flush-to-zero (torch.set_flush_denormal) gets the same bits whatever the thread count. */
+static unsigned int fp_mode_get(void)
+{
+#if defined(__x86_64__)
+    return __builtin_ia32_stmxcsr();
+#else
+    return 0;
+#endif
+}
+
+static void fp_mode_set(unsigned int mode)
+{
+#if defined(__x86_64__)
+    if (__builtin_ia32_stmxcsr() != mode) __builtin_ia32_ldmxcsr(mode);
+#else
+    (void)mode;
+#endif
+}
 
 static void cpu_relax(void)
 {
@@ -82,15 +104,24 @@ static void *worker_main(void *arg)
         struct job j = current;
         pthread_mutex_unlock(&pool_mu);
         seen = j.generation;
-        if (tid < j.nthreads) run_chunks(&j, tid);
+        if (tid < j.nthreads) {
+            fp_mode_set(j.mxcsr);
+            run_chunks(&j, tid);
+        }
     }
     return NULL;
 }
 
 static void reset_after_fork(void)
 {
-    /* The child has only the forking thread: forget the workers and re-create the locks. */
+    /* The child has only the forking thread: forget the workers, re-create the locks, and forget a job
+     * that another thread of the parent was running at the fork (its chunks and counters are the parent's;
+     * a worker started in the child must not pick it up, nor count its chunks into the child's jobs). */
     n_workers = 0;
+    memset(&current, 0, sizeof current);
+    atomic_store(&generation, 0);
+    atomic_store(&claim, 0);
+    atomic_store(&finished, 0);
     pthread_mutex_init(&pool_mu, NULL);
     pthread_mutex_init(&call_mu, NULL);
     pthread_cond_init(&work_cv, NULL);
@@ -118,6 +149,14 @@ static int ensure_workers(int want)
     return n_workers;
 }
 
+int minilora_pool_state(uint32_t *gen, int *workers)
+{
+    if (!gen || !workers) return MINILORA_EINVAL;
+    *gen = atomic_load(&generation);
+    *workers = n_workers;
+    return MINILORA_OK;
+}
+
 int minilora_resolve_threads(int nthreads, int64_t work)
 {
     if (nthreads > MINILORA_MAX_THREADS) return MINILORA_MAX_THREADS;
@@ -135,7 +174,7 @@ int minilora_parallel_for(int nthreads, int64_t n, int64_t grain,
     if (nthreads > MINILORA_MAX_THREADS) nthreads = MINILORA_MAX_THREADS;
     int64_t grains = (n + grain - 1) / grain;
     int64_t per_chunk = (grains + 16 * nthreads - 1) / (16 * nthreads);   /* ~16 chunks per thread: a late thread leaves a short tail */
-    struct job j = {fn, ctx, n, (per_chunk > 0 ? per_chunk : 1) * grain, 0, nthreads, 0};
+    struct job j = {fn, ctx, n, (per_chunk > 0 ? per_chunk : 1) * grain, 0, nthreads, 0, fp_mode_get()};
     j.nchunks = (n + j.chunk - 1) / j.chunk;
     if (nthreads == 1 || j.nchunks < 2 || pthread_mutex_trylock(&call_mu) != 0) {
         for (int64_t b = 0; b < n; b += j.chunk) fn(ctx, 0, b, b + j.chunk < n ? b + j.chunk : n);

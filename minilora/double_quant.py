@@ -15,6 +15,7 @@ of the nested codes of a random weight, docs/nf4.md §5, tests/test_nf4_cuda_vec
 blockwise quantisation of arbitrary tensors, and torch.mean's thread-dependent offset (pass bitsandbytes'
 stored offset explicitly to reproduce its bytes).
 """
+import math
 from fractions import Fraction
 from functools import lru_cache
 
@@ -37,8 +38,15 @@ def check_f32_vector(arr, name):
 def as_f32_scalar(value, name):
     if not isinstance(value, (int, float, np.floating)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a float (ideally np.float32), got {type(value).__name__}")
-    out = _F(value)
-    if np.isfinite(out) and float(out) != float(value):
+    try:
+        as_float = float(value)
+    except OverflowError:  # a Python int beyond float64
+        as_float = None
+    with np.errstate(over="ignore"):
+        out = _F(as_float) if as_float is not None else None
+    if as_float is None or math.isfinite(as_float) and not np.isfinite(out):
+        raise ValueError(f"{name}={value!r} is outside the float32 range")
+    if np.isfinite(out) and float(out) != as_float:
         raise ValueError(f"{name}={value!r} is not exactly representable in float32; "
                          "pass the stored float32 value")
     return out
@@ -61,7 +69,9 @@ def exact_mean_float32(absmax):
     total = sum(int(v) for v in (a64 * 2.0**149).tolist())  # exact: integer units of 2**-149
     q = Fraction(total, absmax.size << 149)
     f = _F(float(q))  # float(q) is correctly rounded to float64; the float32 cast may round twice
-    candidates = (np.nextafter(f, _F(-np.inf)), f, np.nextafter(f, _F(np.inf)))
+    candidates = [np.nextafter(f, _F(-np.inf)), f]
+    if f < np.finfo(np.float32).max:  # a mean that rounds to FLT_MAX has no finite neighbour above
+        candidates.append(np.nextafter(f, _F(np.inf)))
     # nearest to the exact mean; on a tie the even bit pattern (round half to even)
     return min(candidates, key=lambda c: (abs(Fraction(float(c)) - q), int(c.view(np.uint32)) & 1))
 

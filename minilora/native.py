@@ -6,7 +6,8 @@ plus two keywords:
 ``variant``      ``"auto"`` (the C dispatcher: AVX2 + FMA + F16C when the CPU has them, else the scalar
                  reference), ``"ref"`` (the scalar C reference) or ``"avx2"`` (raises ``RuntimeError`` on a
                  CPU without AVX2; never a silent fallback). ``MINILORA_FORCE_REF=1`` in the environment
-                 turns ``"auto"`` into ``"ref"``; an explicit ``variant`` wins over it.
+                 turns ``"auto"`` into ``"ref"`` (read at each call; ``0`` or unset: off, anything else is an
+                 ``InputError``); an explicit ``variant`` wins over it.
 ``num_threads``  None -> ``MINILORA_NUM_THREADS`` from the environment, else automatic (1 thread for small
                  inputs, 2 for large ones). No result bit of quantise / dequantise / double quantisation
                  depends on it, nor any matmul output (the split is over N).
@@ -51,7 +52,7 @@ def available_variants():
 def _kernel(name, variant, simd=True):
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if variant == "auto" and os.environ.get("MINILORA_FORCE_REF") == "1":
+    if variant == "auto" and _force_ref():
         variant = "ref"
     if variant == "avx2":
         if not simd:
@@ -60,6 +61,13 @@ def _kernel(name, variant, simd=True):
             raise RuntimeError(f"variant='avx2' asked for {name}, but this CPU lacks AVX2 + FMA + F16C")
     suffix = {"auto": "", "ref": "_ref", "avx2": "_avx2"}[variant] if simd else ""
     return getattr(lib, f"minilora_{name}{suffix}")
+
+
+def _force_ref():
+    env = os.environ.get("MINILORA_FORCE_REF", "").strip()
+    if env not in ("", "0", "1"):
+        raise InputError(f"MINILORA_FORCE_REF must be 1 (scalar C reference) or 0, got {env!r}")
+    return env == "1"
 
 
 THREADS_CAP = 1 << 16  # passed to C as an int; the pool caps far lower (csrc/threads.c)
@@ -251,7 +259,8 @@ class PackedNF4:
     A decode loop calls the GEMV once per token with the same weights; the checks of the state, the
     kernel choice and the pointers to W are done here once, so a call of ``matmul`` only checks x. The
     arrays are referenced, not copied: do not modify them while this object is in use. Each calling thread
-    reuses its own workspace between calls (``_scratch``).
+    reuses its own workspace between calls (``_scratch``). The kernel and the thread count are chosen when
+    it is built (``MINILORA_FORCE_REF`` / ``MINILORA_NUM_THREADS`` are read then, not per call).
 
     >>> # w = PackedNF4(packed, absmax, N, K); y = w.matmul(x)   # x (M, K) -> y (M, N) float32
     """
@@ -324,6 +333,9 @@ def merge_weight_stats(W, A, B, s, fan_in_fan_out=False, *, variant="auto", num_
         raise ValueError(f"out must be a writable C-contiguous {W.dtype} array of shape {W.shape}")
     elif out is not W and np.shares_memory(out, W):
         raise ValueError("out overlaps W without being W")
+    for name, factor in (("A", A), ("B", B)):  # read while out is written: no overlap at all
+        if np.shares_memory(out, factor):
+            raise ValueError(f"out overlaps {name}")
     stats = ffi.new("float *"), ffi.new("int64_t *"), ffi.new("int64_t *")
     floats = _workspace_size("minilora_lora_merge_scratch_floats", K, A.shape[0])
     scratch = np.empty(floats, dtype=np.float32)  # A in panels

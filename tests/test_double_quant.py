@@ -115,6 +115,10 @@ def test_exact_mean_tie_examples():
     assert dq.exact_mean_float32(np.array([1.0 + 2.0**-23, 1.0 + 2.0**-22], np.float32)) == np.float32(1.0 + 2.0**-22)
     assert np.isnan(dq.exact_mean_float32(np.array([1.0, np.nan], np.float32)))
     assert dq.exact_mean_float32(np.array([1.0, np.inf], np.float32)) == np.inf
+    fmax = np.finfo(np.float32).max  # the mean is FLT_MAX: no finite candidate above it (OverflowError before)
+    assert dq.exact_mean_float32(np.full(5, fmax, np.float32)) == fmax
+    below = np.nextafter(fmax, np.float32(0))  # 0x7F7FFFFE: the even one of the two
+    assert dq.exact_mean_float32(np.array([fmax, below], np.float32)) == below  # a tie: to even
 
 
 @settings(max_examples=60, deadline=None)
@@ -145,6 +149,10 @@ def test_bad_input():
         dq.double_quantize(np.ones((2, 2), np.float32))
     with pytest.raises(ValueError, match="not exactly representable in float32"):
         dq.double_quantize(np.ones(4, np.float32), offset=0.1)
+    for huge in (1e39, -1e300, 10**40, 10**400):  # became ±inf (a NaN absmax) with only a warning
+        with pytest.raises(ValueError, match="outside the float32 range"):
+            dq.double_quantize(np.ones(4, np.float32), offset=huge)
+    assert dq.as_f32_scalar(float("-inf"), "offset") == -np.inf  # asked for: kept
     with pytest.raises(TypeError, match="offset must be a float"):
         dq.double_quantize(np.ones(4, np.float32), offset="0.5")
     with pytest.raises(ValueError, match=r"nested_absmax has 1 entries; 300 codes need ceil\(300/256\) = 2"):

@@ -234,6 +234,82 @@ def test_packed_nf4_shared_by_python_threads():
     assert wrong == [0] * len(xs)
 
 
+def _pool_generation():
+    from minilora._native import ffi, lib
+
+    gen, workers = ffi.new("uint32_t *"), ffi.new("int *")
+    assert lib.minilora_pool_state(gen, workers) == 0
+    return gen[0], workers[0]
+
+
+def test_fork_during_a_pooled_job_leaves_the_child_a_clean_pool():
+    """A fork while another thread runs a pooled job: the child must not inherit that job (its workers,
+    started in the child, would run the parent's chunks and count them into the child's jobs: the child
+    hung in 2 of 300 such forks before). The child sees an empty pool, then gets a lone call's bits."""
+    import os
+    import threading
+    import time
+
+    rng = np.random.default_rng(21)
+    big = rng.standard_normal(1 << 23).astype(np.float32)
+    N, K = 512, 512
+    packed, absmax = native.quantize_nf4(rng.standard_normal((N, K)).astype(np.float32), 64)
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    want = bits(native.matmul_nf4(x, packed, absmax, N, K, num_threads=1)).tobytes()
+    stop = threading.Event()
+
+    def hammer():  # long pooled jobs, back to back
+        while not stop.is_set():
+            native.quantize_nf4(big, 64, num_threads=2)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        time.sleep(0.05)
+        for _ in range(20):
+            assert _pool_generation()[0] != 0  # the parent's pool has run jobs
+            pid = os.fork()
+            if pid == 0:  # child: only this thread exists
+                code = 0
+                try:
+                    code |= 1 if _pool_generation() != (0, 0) else 0
+                    for _ in range(5):
+                        y = native.matmul_nf4(x, packed, absmax, N, K, num_threads=2)
+                        code |= 2 if bits(y).tobytes() != want else 0
+                finally:
+                    os._exit(code)
+            for _ in range(400):  # 20 s at most
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                time.sleep(0.05)
+            else:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("forked child hung in a pooled call")
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_workers_take_the_callers_floating_point_mode():
+    """With flush-to-zero / denormals-are-zero set in the calling thread (torch.set_flush_denormal), the
+    pool's workers compute in the same mode, so the thread count still changes no bit."""
+    torch = pytest.importorskip("torch")
+    x = (np.random.default_rng(5).standard_normal(1 << 20) * 1e-39).astype(np.float32)  # subnormals
+    native.quantize_nf4(x, 64, num_threads=8)  # start the workers in the default mode
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero switch")
+    try:
+        one = native.quantize_nf4(x, 64, num_threads=1)
+        many = native.quantize_nf4(x, 64, num_threads=8)
+    finally:
+        torch.set_flush_denormal(False)
+    np.testing.assert_array_equal(many[0], one[0])
+    np.testing.assert_array_equal(bits(many[1]), bits(one[1]))
+
+
 def test_environment_switches(monkeypatch):
     x = np.random.default_rng(4).standard_normal(5000).astype(np.float32)
     base = native.quantize_nf4(x)
@@ -242,6 +318,14 @@ def test_environment_switches(monkeypatch):
     monkeypatch.setenv("MINILORA_FORCE_REF", "1")
     assert native._kernel("quantize_nf4", "auto") == native.lib.minilora_quantize_nf4_ref
     np.testing.assert_array_equal(native.quantize_nf4(x)[0], base[0])
+    monkeypatch.setenv("MINILORA_FORCE_REF", " 1 ")
+    assert native._kernel("quantize_nf4", "auto") == native.lib.minilora_quantize_nf4_ref
+    monkeypatch.setenv("MINILORA_FORCE_REF", "0")
+    assert native._kernel("quantize_nf4", "auto") == native.lib.minilora_quantize_nf4
+    monkeypatch.setenv("MINILORA_FORCE_REF", "true")  # was silently ignored
+    with pytest.raises(ValueError, match="MINILORA_FORCE_REF must be 1"):
+        native.quantize_nf4(x)
+    monkeypatch.delenv("MINILORA_FORCE_REF")
     monkeypatch.setenv("MINILORA_NUM_THREADS", "two")
     with pytest.raises(ValueError, match="MINILORA_NUM_THREADS"):
         native.quantize_nf4(x)

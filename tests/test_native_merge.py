@@ -104,6 +104,15 @@ def test_out_must_fit_and_must_not_partly_overlap():
     big = np.zeros(80, np.float32)
     with pytest.raises(ValueError, match="overlaps"):
         native.merge_weight_stats(big[:64].reshape(4, 16), A, B, 1.0, out=big[16:].reshape(4, 16))
+    # A or B inside out's memory: out=W in place, or a separate out (a silently wrong merge before)
+    W = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
+    for kwargs in ({"A": W[:4], "B": np.ones((64, 4), np.float32)},
+                   {"A": np.ones((4, 64), np.float32), "B": W.reshape(-1)[:256].reshape(64, 4)}):
+        with pytest.raises(ValueError, match="out overlaps [AB]"):
+            native.merge_weight_stats(W, s=1.0, out=W, **kwargs)
+    out = np.zeros((64, 64), np.float32)
+    with pytest.raises(ValueError, match="out overlaps A"):
+        native.merge_weight_stats(W.copy(), out[:4], np.ones((64, 4), np.float32), 1.0, out=out)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -412,6 +412,27 @@ def test_nf4_linear_on_cpu_dequantises_in_c_to_the_torch_bits(double_quant, dtyp
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_linear_made_under_inference_mode_runs_and_sees_in_place_writes(double_quant):
+    """Buffers made under ``torch.inference_mode`` have no version counter (the C matmul's cache key used it:
+    RuntimeError on the first forward). The layer still runs, gives the bits of a layer made outside, and
+    an in-place write to its buffers (allowed in inference mode) shows in the next output."""
+    linear = torch.nn.Linear(128, 16)
+    x = torch.randn(1, 128)
+    outside = NF4Linear.from_linear(linear, blocksize=64, double_quant=double_quant)
+    with torch.no_grad():
+        want = outside(x)
+    with torch.inference_mode():
+        layer = NF4Linear.from_linear(linear, blocksize=64, double_quant=double_quant)
+        assert torch.equal(layer(x), want)
+        layer.packed.zero_()  # every code 0: NF4 -1.0 times the block absmax
+        assert not torch.equal(layer(x), want)
+        W = layer.dequantize()  # (N, K) all -absmax
+        exact = x.double() @ W.double().T + linear.bias.detach().double()
+        bound = gamma(128) * (x.abs().double() @ W.abs().double().T) + 2 * U32 * exact.abs()
+        assert bool(((layer(x).double() - exact).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_linear_small_batches_use_the_c_matmul_within_the_bound(double_quant, monkeypatch):
     """Up to ``NATIVE_MATMUL_ROWS`` float32 rows on the CPU, the forward is the C matmul on the packed bytes
     (``native.PackedNF4``, exact mode): within γ_K·(|x|·|W|ᵀ) of the float64 product; more rows take

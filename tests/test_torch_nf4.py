@@ -221,6 +221,27 @@ def test_bad_inputs_raise_like_the_reference():
     assert ALLOWED_BLOCKSIZES[0] == 32
 
 
+_X8 = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+_P8, _A8 = ref.quantize_nf4(_X8, 64)
+
+
+@pytest.mark.parametrize("packed, absmax, shape, blocksize", [
+    (_P8[:-1], _A8, (8, 64), 64), (_P8, np.append(_A8, _A8), (8, 64), 64),
+    (_P8, _A8.astype(np.float64), (8, 64), 64), (_P8.view(np.int8), _A8, (8, 64), 64),
+    (_P8, _A8, (-8, -64), 64), (_P8[:0], _A8[:0], (0, 64), 64), (_P8, _A8, "ab", 64),
+    (_P8, _A8, (8.0, 64), 64), (_P8, _A8, (2**32, 2**32), 64), (_P8, _A8, (8, 64), 48),
+], ids=["packed-short", "absmax-long", "absmax-f64", "packed-int8", "negative-shape", "zero-shape",
+        "str-shape", "float-shape", "huge-shape", "blocksize-48"])
+def test_dequantize_checks_the_state_like_the_reference(packed, absmax, shape, blocksize):
+    """The torch dequantiser validates its arguments with the reference's rule: the same exception type
+    (it used to accept a float shape, return an empty tensor for (0, 64) and wrap a huge shape around)."""
+    with pytest.raises(Exception) as want:
+        ref.dequantize_nf4(packed, absmax, shape, np.float32, blocksize)
+    with pytest.raises(want.type):
+        tnf4.dequantize_nf4(torch.from_numpy(np.ascontiguousarray(packed)), torch.from_numpy(absmax), shape,
+                            torch.float32, blocksize)
+
+
 # ---------------------------------------------------------------- cases that tell near-identical formulas apart
 def _division_sensitive_pair(true_division_on_bound):
     """``[am, x]`` such that one of ``x / am`` and ``x * (1 / am)`` lands exactly on a decision bound and the

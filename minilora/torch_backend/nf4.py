@@ -132,14 +132,20 @@ def cast_float32(a, dtype):
     return a if dtype == torch.float32 else a.to(dtype)
 
 
+def check_state(packed, absmax, shape, blocksize):
+    """``minilora.nf4.check_state`` for tensors: ``(shape, n, blocksize)``, the same exception types and
+    messages (the sizes are checked by the reference on stand-ins of the tensors' shapes and dtypes)."""
+    for name, t, dtype in (("packed", packed, torch.uint8), ("absmax", absmax, torch.float32)):
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype:
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a {dtype} tensor, got {got}")
+    return ref.check_state(np.broadcast_to(np.uint8(0), tuple(packed.shape)),  # no copy: zero strides
+                           np.broadcast_to(np.float32(0), tuple(absmax.shape)), shape, blocksize)
+
+
 def dequantize_nf4(packed, absmax, shape, dtype=torch.float32, blocksize=DEFAULT_BLOCKSIZE):
     """Transcribes ``minilora.nf4.dequantize_nf4``: out[j] = cast(dtype, float32(NF4[code[j]] * absmax[j // bs]))."""
-    blocksize = ref.check_blocksize(blocksize)
-    shape = tuple(int(d) for d in shape)
-    n = int(np.prod(shape, dtype=np.int64))
-    if absmax.dtype != torch.float32 or absmax.numel() != -(-n // blocksize):
-        raise ValueError(f"absmax must be {-(-n // blocksize)} float32 values for shape {shape} and "
-                         f"blocksize {blocksize}, got {absmax.numel()} {absmax.dtype}")
+    shape, n, blocksize = check_state(packed, absmax, shape, blocksize)
     values = _table("NF4", packed.device)[unpack_nibbles(packed, n).long()]  # (n,) float32
     scale = absmax.reshape(-1).repeat_interleave(blocksize)[:n]  # (n,)
     return cast_float32(values * scale, _out_dtype(dtype)).reshape(shape)  # shape, one float32 rounding

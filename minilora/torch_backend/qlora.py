@@ -146,10 +146,15 @@ class NF4Linear(nn.Module):
         (spec/kernels.md: "decode it once per weight, not per call"; 4 bytes per block, 1/16 of the packed
         weight, held while the layer serves the C matmul). Rebuilt when a buffer is replaced (``.to``) or
         written in place (``load_state_dict``): the key holds each buffer's address and version counter.
+        Buffers made under ``torch.inference_mode`` have no version counter: then it is built on every call
+        (correct, slower; load the model outside inference mode to keep the cache).
         Decoding per call cost 400 µs of a 611 µs M = 1 call of a 2816 x 1024 layer (a fresh 180 KB absmax
         array each time, page-faulted in on this VM); cached, the call takes the kernel's 220-260 µs."""
-        bufs = (self.packed, self.absmax_bits, self.nested_codes, self.nested_absmax_bits)
-        key = tuple((b.data_ptr(), b._version) for b in bufs if b is not None) + (self.offset,)
+        bufs = [b for b in (self.packed, self.absmax_bits, self.nested_codes, self.nested_absmax_bits) if b is not None]
+        if any(b.is_inference() for b in bufs):  # made under torch.inference_mode: no version counter, so an
+            packed, absmax = self._native_state()  # in-place write could not be seen; build it every call
+            return native.PackedNF4(packed, absmax, self.out_features, self.in_features, self.blocksize)
+        key = tuple((b.data_ptr(), b._version) for b in bufs) + (self.offset,)
         cached = _PACKED.get(self)
         if cached is None or cached[0] != key:
             packed, absmax = self._native_state()

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from minilora import __version__
+from minilora import __version__, output
 from minilora.errors import InputError
 
 
@@ -21,7 +21,7 @@ class Group(click.Group):
         except click.ClickException as e:       # usage errors: bad option, missing argument
             _fail(e.format_message(), e.exit_code)
         except click.exceptions.Abort:        # click's name for Ctrl-C
-            _fail("interrupted; no output was written", 130)
+            _fail(_interrupted("interrupted"), 130)
         except InputError as e:
             _fail(str(e))
         except OSError as e:
@@ -29,9 +29,9 @@ class Group(click.Group):
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             _fail(f"{where}{e.strerror or e}")
         except Terminated:
-            _fail("terminated (SIGTERM); no output was written", code=143)
+            _fail(_interrupted("terminated (SIGTERM)"), code=143)
         except KeyboardInterrupt:
-            _fail("interrupted; no output was written", code=130)
+            _fail(_interrupted("interrupted"), code=130)
         if isinstance(rv, int) and rv:          # ctx.exit(1): a check failed
             sys.exit(rv)
         return rv
@@ -42,8 +42,17 @@ class Terminated(BaseException):
     ``except BaseException`` / ``finally``), so no partial output stays."""
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+def _on_signal(signum, frame):
+    """SIGTERM -> Terminated, SIGINT -> KeyboardInterrupt; held while an output is swapped into place."""
+    exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    if not output.defer_signal(exc):
+        raise exc
+
+
+def _interrupted(what):
+    if output.COMMITTED:  # the signal came after the output was in place (it waited for the swap)
+        return f"{what} after the output was written: {output.COMMITTED[-1]} is complete"
+    return f"{what}; no output was written"
 
 
 def _fail(message, code=2):
@@ -78,5 +87,6 @@ _register()
 
 
 def main():
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     cli(prog_name="minilora")

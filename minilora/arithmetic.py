@@ -251,7 +251,7 @@ def combine_files(paths, out, weights=None, method="cat", rank=None, density=Non
     adapters = [load_adapter(p) for p in paths]
     config, modules, rows = combine_adapters(adapters, weights, method, rank, density, majority_sign,
                                              clamp, seed)
-    with staged_folder(out) as stage:
+    with staged_folder(out, force) as stage:
         save_adapter(stage, config, modules)
     return {"operation": "combine", "adapters": [a.path for a in adapters], "weights": weights,
             "method": method, "density": density, "majority_sign": majority_sign, "seed": seed,

@@ -299,7 +299,8 @@ def prefix_renames(names, disk_modules):
     ``model.language_model.layers.0…`` where the file has ``language_model.model.layers.0…``. For each
     missing name the shortest prefix ``P`` (whole dotted components) is taken for which exactly one ``Q``
     makes ``Q + rest`` exist *for every missing name that starts with P*; where several do (a vision tower
-    with the same layer names), only a ``Q`` made of P's own components (plus ``model``) is kept. Anything
+    with the same layer names), only a ``Q`` made of P's own components (plus ``model``) is kept. A rewrite
+    keeps P's numbers (``layers.1.`` never becomes ``layers.0.``) and never sends two names to one. Anything
     else (still two candidates, a name no rewrite reaches) leaves the names alone, and the caller reports
     the missing module."""
     disk = set(disk_modules)
@@ -320,7 +321,8 @@ def prefix_renames(names, disk_modules):
             prefix = ".".join(parts[:i]) + "." if i else ""
             sharing = [n for n in missing if n.startswith(prefix)]
             valid = [q for q in by_rest.get(".".join(parts[i:]), ())
-                     if q != prefix and all(q + n[len(prefix):] in disk for n in sharing)]
+                     if q != prefix and _numbers(q) == _numbers(prefix)
+                     and all(q + n[len(prefix):] in disk for n in sharing)]
             if len(valid) > 1:  # a LLaVA text tower and a vision tower both have layers.0.self_attn.q_proj:
                 # keep a rewrite that only reorders, drops or adds "model" among the prefix's own components
                 own = set(parts[:i]) | {"model"}
@@ -333,7 +335,20 @@ def prefix_renames(names, disk_modules):
         if found is None:
             return {}
         renames[found[0]] = found[1]
-    return renames
+    targets = [_renamed(n, renames) for n in names]
+    return renames if len(set(targets)) == len(set(names)) else {}  # never two modules onto one
+
+
+def _numbers(prefix):
+    """The numeric components of a dotted prefix (layer indices), in order: a rename must keep them."""
+    return [c for c in prefix.split(".") if c.isdigit()]
+
+
+def _renamed(name, renames):
+    for p, q in renames.items():
+        if name.startswith(p):
+            return q + name[len(p):]
+    return name
 
 
 def renamed_adapter(adapter, renames):
@@ -342,10 +357,7 @@ def renamed_adapter(adapter, renames):
         return adapter
 
     def rename(name):
-        for p, q in renames.items():
-            if name.startswith(p):
-                return q + name[len(p):]
-        return name
+        return _renamed(name, renames)
     modules = {}
     for name, m in adapter.modules.items():
         modules[rename(name)] = LoraModule(rename(name), m.kind, m.A, m.B, m.magnitude, m.bias)

@@ -124,7 +124,7 @@ def resize_file(path, out, rank=None, energy=None, force=False):
     check_output(out, [path], force)
     adapter = load_adapter(path)
     config, modules, rows = resize_adapter(adapter, rank, energy)
-    with staged_folder(out) as stage:
+    with staged_folder(out, force) as stage:
         save_adapter(stage, config, modules, adapter.full_tensors)
     return _report("resize", [adapter.path], out, rows, t0, rank=rank, energy=energy)
 
@@ -185,7 +185,7 @@ def extract_checkpoints(base, finetuned, out, rank=None, energy=None, embed_lora
     saved = sorted(n[: -len(".weight")] for n in full) or None
     config = lora_config(modules, None, base_model_name_or_path=os.path.abspath(str(base)),
                          modules_to_save=saved, task_type=task)
-    with staged_folder(out) as stage:
+    with staged_folder(out, force) as stage:
         save_adapter(stage, config, modules, full)
     return _report("extract", [os.path.abspath(str(base)), os.path.abspath(str(finetuned))], out, rows, t0,
                    rank=rank, energy=energy, full_rank=sorted(full), **skipped)

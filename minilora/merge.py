@@ -56,7 +56,7 @@ def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, qu
             from minilora.merge_nf4 import merge_quantized
 
             rows, written = merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable,
-                                            tied_ok, renamed)
+                                            tied_ok, force, renamed)
             return _report(base, adapters, out, sign, rows, t0, renamed, written)
         if requantize:
             raise InputError("--requantize needs a 4-bit (bitsandbytes NF4/FP4) base", ckpt.path)
@@ -65,9 +65,10 @@ def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, qu
         if single:
             make_parent(out)
             with output_errors(out, os.path.join(os.path.dirname(out), TEMP_PREFIX)):
-                rows = _write_shards(ckpt, patches, full, target, out, single, shard_names, quiet, sign, durable)
+                rows = _write_shards(ckpt, patches, full, target, out, single, shard_names, quiet, sign, durable,
+                                     replace=force)
         else:
-            with staged_folder(out) as stage:
+            with staged_folder(out, replace=force) as stage:
                 rows = _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign, durable)
                 _copy_extras(ckpt, stage, rows, target)
     return _report(base, adapters, out, sign, rows, t0, renamed)
@@ -91,7 +92,9 @@ def _report(base, adapters, out, sign, rows, t0, renamed=None, written=None):
                        "mb_per_s": round(nbytes / max(seconds, 1e-9) / 1e6, 1)}}
 
 
-def _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign, durable=True):
+def _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet, sign, durable=True, replace=True):
+    """Write every shard (``single``: the one output file ``stage``, which may replace an existing file only
+    with ``replace``); return the report rows."""
     rows, plans = [], []
     for shard, reader in zip(shard_names, ckpt.readers.values()):
         names = reader.keys()
@@ -106,7 +109,7 @@ def _write_shards(ckpt, patches, full, target, stage, single, shard_names, quiet
         for shard, reader, names, out_dtype, copied, merged in plans:
             entries = [(n, out_dtype[n], reader.info(n)[1]) for n in names]
             path = stage if single else os.path.join(stage, shard)
-            with SafetensorsWriter(path, entries, reader.metadata, durable) as writer:
+            with SafetensorsWriter(path, entries, reader.metadata, durable, replace=replace if single else None) as writer:
                 try:
                     rows += _stream_shard(reader, names, out_dtype, copied, merged, patches, full, sign, writer,
                                           stream, progress)

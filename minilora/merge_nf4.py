@@ -31,7 +31,7 @@ from minilora.safetensors_io import SafetensorsAppender
 
 
 
-def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable=True, tied_ok=False,
+def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable=True, tied_ok=False, replace=True,
                     renamed=None):
     """Merge ``adapters`` into the 4-bit checkpoint ``ckpt``; write the folder ``out``; return ``(rows, bytes
     of tensor data written)`` (rows cover the tensors that were merged, dequantised or copied in float)."""
@@ -43,12 +43,13 @@ def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign,
                          f"are; drop --dtype, or leave out --requantize to get float weights", ckpt.path)
     quantized = quantized_weights(ckpt.keys())
     check_parts(ckpt, quantized)
-    states = {}
+    states = {}  # the quant states read while planning, each until its tensor is written: memory O(largest)
 
-    def state(key):
-        if key not in states:
-            states[key] = read_state(ckpt, key)
-        return states[key]
+    def state(key, keep=True):
+        st = states.pop(key, None) or read_state(ckpt, key)
+        if keep:
+            states[key] = st
+        return st
 
     def info(key):
         if key in quantized:
@@ -64,7 +65,7 @@ def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign,
             owner[key] = key.rsplit(".weight.", 1)[0] + ".weight"
     rows, weight_map, written = [], {}, 0
     total = sum(ckpt.info(k)[2] for k in ckpt.keys())
-    with staged_folder(out) as stage, Progress(total, "merge" if sign > 0 else "unmerge", enabled=not quiet) as progress:
+    with staged_folder(out, replace) as stage, Progress(total, "merge" if sign > 0 else "unmerge", enabled=not quiet) as progress:
         for shard, reader in ckpt.readers.items():
             with SafetensorsAppender(os.path.join(stage, shard), reader.metadata, durable) as w:
                 for name in reader.keys():
@@ -108,7 +109,7 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
         if todo and sign < 0:
             row.update(roundtrip_report(x, given, todo, reader.path, name))
         return [(name, x, row)]
-    st = state(name)
+    st = state(name, keep=False)
     if requantize and not todo:
         return [(name, reader.get(name), None)]
     W = native.for_quant_type(st.quant_type).dequantize(st)                   # bit-exact with bitsandbytes

@@ -154,7 +154,7 @@ def quantize_checkpoint(model, out, blocksize=nf4.DEFAULT_BLOCKSIZE, double_quan
         skip = skip_list(float_modules(ckpt, chosen), [k[: -len(".weight")] for k in chosen])
         rows, weight_map = [], {}
         total = sum(ckpt.info(k)[2] for k in ckpt.keys())
-        with staged_folder(out) as stage, Progress(total, "quantize", enabled=not quiet) as progress:
+        with staged_folder(out, force) as stage, Progress(total, "quantize", enabled=not quiet) as progress:
             for shard, reader, path in _shard_out(ckpt, stage):
                 with SafetensorsAppender(path, reader.metadata) as w:
                     for name in reader.keys():
@@ -237,7 +237,7 @@ def dequantize_checkpoint(src, out, dtype=None, force=False, quiet=True):
         check_parts(ckpt, quantized)
         rows, weight_map = [], {}
         total = sum(ckpt.info(k)[2] for k in ckpt.keys())
-        with staged_folder(out) as stage, Progress(total, "dequantize", enabled=not quiet) as progress:
+        with staged_folder(out, force) as stage, Progress(total, "dequantize", enabled=not quiet) as progress:
             for shard, reader, path in _shard_out(ckpt, stage):
                 with SafetensorsAppender(path, reader.metadata) as w:
                     for name in reader.keys():

@@ -24,6 +24,7 @@ import numpy as np
 
 from minilora.direct_io import DirectSink
 from minilora.errors import InputError
+from minilora.output import commit
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -241,9 +242,10 @@ class SafetensorsWriter(_Output):
 
     DIRECT_MIN_BYTES = 64 * 2**20
 
-    def __init__(self, path, entries, metadata=None, durable=True, direct=None):
+    def __init__(self, path, entries, metadata=None, durable=True, direct=None, replace=None):
         self.path = str(path)
         self.durable = durable
+        self.replace = replace  # output.commit: None inside a stage folder; True / False (--force) for an output
         self._entries = [(n, np.dtype(d), tuple(s)) for n, d, s in entries]
         if len({n for n, _, _ in self._entries}) != len(self._entries):
             raise InputError("duplicate tensor names in the output", self.path)
@@ -352,7 +354,7 @@ class SafetensorsWriter(_Output):
                 os.fsync(self._file.fileno())
             self._file.close()
             os.chmod(self._tmp, 0o644)
-            os.replace(self._tmp, self.path)
+            commit(self._tmp, self.path, self.replace)
         except BaseException:  # e.g. the disk filled up: no partial output stays behind
             self.abort()
             raise

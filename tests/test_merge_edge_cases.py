@@ -107,6 +107,90 @@ main()
     assert os.listdir(tmp_path) == []
 
 
+def test_force_never_deletes_what_an_input_links_to(models, tmp_path):
+    """The Hugging Face cache layout: snapshots/<rev>/model.safetensors -> ../../blobs/<hash>. `-o blobs --force`
+    replaced blobs/ with the output and left the input's links dangling."""
+    hub = tmp_path / "hub"
+    (hub / "blobs").mkdir(parents=True)
+    (hub / "snapshots" / "r").mkdir(parents=True)
+    for name, blob in (("model.safetensors", "aaa"), ("config.json", "bbb")):
+        os.system(f"cp {models / 'base' / name} {hub / 'blobs' / blob}")
+        os.symlink(f"../../blobs/{blob}", hub / "snapshots" / "r" / name)
+    digest = tree_digest(hub / "blobs")
+    code, _, err = run("merge", hub / "snapshots" / "r", models / "adapter", "-o", hub / "blobs", "--force")
+    assert code == 2 and "would overwrite or contain the input" in err and "model.safetensors" in err, err
+    assert tree_digest(hub / "blobs") == digest
+
+
+def test_force_replaces_only_a_folder_of_files_that_does_not_hold_the_cwd(models, tmp_path, monkeypatch):
+    """`-o . --force` (or a parent folder) deleted the current directory's other files; a folder that holds
+    folders (a home directory, a project) is not a checkpoint to replace either."""
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("precious")
+    monkeypatch.chdir(work / "sub")
+    for out, message in ((work / "sub", "contains the current directory"), (work, "contains the current directory"),
+                         (tmp_path, "contains the current directory")):
+        code, _, err = run("merge", models / "base", models / "adapter", "-o", out, "--force")
+        assert code == 2 and message in err, err
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run("merge", models / "base", models / "adapter", "-o", work, "--force")
+    assert code == 2 and "holds the folder sub/" in err, err
+    assert (work / "notes.txt").read_text() == "precious" and (work / "sub").is_dir()
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".minilora")] == []
+
+
+@pytest.mark.parametrize("single", [False, True])
+def test_an_output_that_appears_while_writing_is_not_replaced_without_force(models, tmp_path, monkeypatch, single):
+    """Two runs writing the same -o: the later one used to replace the other's finished output silently."""
+    import minilora.safetensors_io as io
+
+    out = tmp_path / ("m.safetensors" if single else "m")
+    put = io.SafetensorsWriter._put
+
+    def put_and_race(self, data):  # "another run" finishes its output while this one writes
+        if not os.path.exists(out):
+            if single:
+                out.write_bytes(b"the other run")
+            else:
+                out.mkdir()
+                (out / "model.safetensors").write_bytes(b"the other run")
+        put(self, data)
+    monkeypatch.setattr(io.SafetensorsWriter, "_put", put_and_race)
+    base = models / "base" / "model.safetensors" if single else models / "base"
+    code, _, err = run("merge", base, models / "adapter", "-o", out)
+    assert code == 2 and "output appeared while this command ran" in err, err
+    assert (out if single else out / "model.safetensors").read_bytes() == b"the other run"
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".minilora")] == []
+    assert run("merge", base, models / "adapter", "-o", out, "--force")[0] == 0  # asked for: replaced
+    assert (out if single else out / "model.safetensors").read_bytes() != b"the other run"
+
+
+def test_a_signal_while_the_output_is_swapped_in_waits_and_says_it_was_written(models, tmp_path):
+    """SIGTERM while `--force` removes the previous output: it used to stop between the two renames or in the
+    removal, say "no output was written" and leave `.minilora-old-*`. Now the swap finishes first."""
+    assert run("merge", models / "base", models / "adapter", "-o", tmp_path / "want", "-q")[0] == 0
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "old.safetensors").write_bytes(b"previous output")
+    script = f"""
+import os, signal, sys
+import minilora.output as output
+rmtree = output.shutil.rmtree
+def term_then_rmtree(path, **kw):
+    os.kill(os.getpid(), signal.SIGTERM)
+    rmtree(path, **kw)
+output.shutil.rmtree = term_then_rmtree
+from minilora.cli.main import main
+sys.argv = ["minilora", "merge", {str(models / 'base')!r}, {str(models / 'adapter')!r}, "-o", "o", "--force", "-q"]
+main()
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr
+    assert "terminated (SIGTERM) after the output was written" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert sorted(os.listdir(tmp_path)) == ["o", "want"]
+    assert tree_digest(tmp_path / "o") == tree_digest(tmp_path / "want")
+
+
 # ---------------------------------------------------------------- GPT-2: Conv1D and Linear in one adapter
 def _gpt2(folder, with_config=True, seed=0):
     """A GPT-2-layout checkpoint: Conv1D weights stored (in, out) = (K, N); the classifier `score` is Linear."""
@@ -417,6 +501,24 @@ def test_adapter_names_of_a_renamed_checkpoint_are_mapped_when_unambiguous(tmp_p
                                                      B=np.ones((32, 4), np.float32))])
     _expect_error(["merge", tmp_path / "t5.safetensors", ad, "-o", tmp_path / "o.safetensors"],
                   str(tmp_path / "o.safetensors"), [tmp_path / "t5.safetensors"], "an adapter for a different model?")
+
+
+def test_a_rename_never_changes_a_layer_number_nor_joins_two_modules(tmp_path):
+    """An adapter for a deeper model against a 1-layer base: `model.layers.1.` -> `model.layers.0.` would
+    "resolve" every missing layer onto layer 0, and the last one's A, B was merged there (exit 0). Refused."""
+    rng = np.random.default_rng(9)
+    os.makedirs(tmp_path / "one")
+    W = rng.standard_normal((32, 32), dtype=np.float32)
+    save_file({"model.layers.0.self_attn.q_proj.weight": W}, tmp_path / "one" / "model.safetensors")
+    mods = [LoraModule(f"model.layers.{i}.self_attn.q_proj", A=rng.standard_normal((4, 32), dtype=np.float32),
+                       B=rng.standard_normal((32, 4), dtype=np.float32)) for i in range(3)]
+    for name, chosen in (("deep", mods), ("only1", mods[1:2])):
+        ad = _adapter(tmp_path / name, {}, chosen)
+        _expect_error(["merge", tmp_path / "one", ad, "-o", tmp_path / "o"], str(tmp_path / "o"), [tmp_path / "one"],
+                      "model.layers.1.self_attn.q_proj")
+    from minilora.checkpoint import prefix_renames
+    assert prefix_renames(["a.x.q", "b.x.q"], ["x.q"]) == {}  # two modules onto one: no rewrite
+    assert prefix_renames(["m.lm.layers.3.q"], ["lm.m.layers.3.q"]) == {"m.lm.": "lm.m."}
 
 
 def test_bias_merge_value_and_inspect_figures(models, tmp_path):

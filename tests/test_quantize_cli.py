@@ -173,6 +173,36 @@ def test_merge_into_an_nf4_base_dequantised_and_requantised(tmp_path):
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
 
 
+def test_merge_into_an_nf4_base_holds_one_quant_state_at_a_time(tmp_path, monkeypatch):
+    """Memory O(largest tensor): the quant states read while merging are let go once written (all of the
+    model's packed weights stayed in memory until the end before: 94 of 104 MB in an audit)."""
+    import gc
+    import weakref
+
+    import minilora.merge_nf4 as merge_nf4
+    from minilora.synthetic import write_lora_adapter
+
+    config = json.loads(open(os.path.join(BASE, "config.json")).read())
+    write_lora_adapter(tmp_path / "ad", config, rank=4, alpha=8, targets=("q_proj",), std=0.05)
+    alive, most = [], [0]
+
+    def counted(ckpt, key):
+        state = read_state(ckpt, key)
+        gc.collect()
+        alive[:] = [r for r in alive if r() is not None]
+        alive.append(weakref.ref(state.packed))
+        most[0] = max(most[0], len(alive))
+        return state
+    monkeypatch.setattr(merge_nf4, "read_state", counted)
+    for extra in ([], ["--requantize"]):
+        most[0] = 0
+        code, _, err = run("merge", os.path.join(DATA, "bnb-nf4-dq"), tmp_path / "ad", "-o", tmp_path / f"m{len(extra)}",
+                           *extra)
+        assert code == 0, err
+        n_layers = config["num_hidden_layers"]
+        assert 7 * n_layers > 3 and most[0] <= n_layers + 1, most  # the planned (adapted) ones + the one in hand
+
+
 def test_requantize_needs_a_4bit_base(tmp_path):
     from minilora.synthetic import write_lora_adapter
 

@@ -1,4 +1,6 @@
 """``minilora merge`` and ``minilora unmerge``: parse, call ``minilora.merge``, print."""
+import math
+
 import click
 
 from minilora.merge import merge_checkpoint
@@ -23,7 +25,13 @@ def _summary(report):
             worst = max(rows, key=lambda r: r["roundtrip_max_abs_error"])
             exact = min(r["roundtrip_bit_exact_fraction"] for r in rows)
             click.echo(f"round trip merge(unmerge(W')) vs W': max |error| {worst['roundtrip_max_abs_error']:.3g} "
-                       f"({worst['name']}), bit-exact fraction >= {exact:.4f}")
+                       f"({worst['name']}), bit-exact fraction >= {_floor(exact)}")
+
+
+def _floor(fraction, digits=4):
+    """``fraction`` rounded down to ``digits`` decimals: 0.99999 prints 0.9999, 1 only when it is 1."""
+    scaled = math.floor(fraction * 10**digits) / 10**digits
+    return f"{scaled:.{digits}f}"
 
 
 @click.command()

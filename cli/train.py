@@ -100,7 +100,7 @@ def train(model_dir, data_path, output, resume, as_json, quiet, **options):
               help="Compute dtype [default: the checkpoint's; float32 for an NF4 folder on the CPU].")
 @click.option("--nf4-matmul", type=click.Choice(["exact", "int16"]), default="exact", show_default=True,
               help="NF4 layers on the CPU (float32): the exact C matmul, or the faster approximate int16 GEMV "
-                   "(error about 1e-5 of |x|·|w|; docs/nf4.md §7).")
+                   "(error about 1e-5 of |x|·|w|, up to 3e-5 for same-sign x; docs/nf4.md §7).")
 @click.argument("prompt")
 @json_option
 def generate(model_dir, adapter, max_new_tokens, temperature, top_k, seed, device, dtype, nf4_matmul, prompt,

@@ -253,6 +253,13 @@ def load_adapter(path):
                              weights, m.name)
     if not adapter.modules:
         raise InputError("adapter holds no LoRA tensors", weights)
+    dora = bool(config.get("use_dora", False))
+    for m in adapter.modules.values():  # PEFT merges by the flag: a missing or extra magnitude is a broken adapter
+        if dora and m.magnitude is None:
+            raise InputError("use_dora is true but the module has no lora_magnitude_vector", weights, m.name)
+        if not dora and m.magnitude is not None:
+            raise InputError("the module has a lora_magnitude_vector (DoRA) but use_dora is false in the config",
+                             weights, m.name)
     return adapter
 
 

@@ -134,9 +134,17 @@ def _load_single(path):
         keys = src.keys()
         if len(keys) != 1:
             raise InputError(f"--x / --w must hold exactly one tensor, found {len(keys)}", path)
-        return np.asarray(_as_float(src.get(keys[0])))
+        return _float_operand(np.asarray(_as_float(src.get(keys[0]))), path, keys[0])
     finally:
         src.close()
+
+
+def _float_operand(a, path, name):
+    """``a`` if it holds floats; integer arrays (e.g. ``minilora.vectors``' bit patterns) are refused."""
+    if not is_float(a.dtype):
+        raise InputError(f"holds {a.dtype} values, not floats: --bound matmul compares float values (bit patterns "
+                         f"such as minilora.vectors' uint32 fields must be viewed as float32 first)", path, name)
+    return a
 
 
 def diff(path_a, path_b, rtol=0.0, atol=0.0, bound=None, x=None, w=None, delta=False, names=None):
@@ -167,7 +175,8 @@ def diff(path_a, path_b, rtol=0.0, atol=0.0, bound=None, x=None, w=None, delta=F
         if unknown:
             raise InputError(f"--tensor {unknown[0]} is not in both inputs", path_a)
         rows = []
-        for name in [k for k in ka if k in set(kb)]:
+        in_b = set(kb)
+        for name in [k for k in ka if k in in_b]:
             if names and name not in names:
                 continue
             ta, tb = a.get(name), b.get(name)
@@ -175,8 +184,11 @@ def diff(path_a, path_b, rtol=0.0, atol=0.0, bound=None, x=None, w=None, delta=F
                 ta, tb = a.float_layout(name, ta), b.float_layout(name, tb)
             limit = None
             if matmul is not None:
-                ref = _as_float(tb)
-                limit = matmul + testing._output_rounding(_as_float(ta), ref.astype(np.float64))
+                got, ref = (_float_operand(np.asarray(_as_float(t)), p, name) for t, p in ((ta, path_a), (tb, path_b)))
+                if got.shape != matmul.shape or ref.shape != matmul.shape:
+                    raise InputError(f"{got.shape} / {ref.shape} do not match the (M, N) = {matmul.shape} of "
+                                     f"y = x wᵀ with --x {xs.shape}, --w {ws.shape}", path_a, name)
+                limit = matmul + testing._output_rounding(got, ref.astype(np.float64))
             rows.append(compare(name, ta, tb, rtol, atol, limit))
     finally:
         a.close()

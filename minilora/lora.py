@@ -161,10 +161,13 @@ def delta_weight(A, B, s, fan_in_fan_out=False):
 
 
 def check_float_weight(W):
-    """TypeError unless W is a float ndarray (float16 / bfloat16 / float32 / float64), as the C kernels say."""
+    """TypeError unless W is a float16 / bfloat16 / float32 ndarray, as the C kernels say. A merge computes in
+    float32 (PEFT's merge of a float32 or 16-bit model), so a float64 W, which it would round to float32 first
+    (not even ``scale 0`` the identity), is refused rather than changed."""
     dtype = getattr(W, "dtype", None)
-    if not isinstance(W, np.ndarray) or not (dtype.kind == "f" or dtype == np.dtype(ml_dtypes.bfloat16)):
-        raise TypeError(f"W must be a float ndarray, got {dtype if dtype is not None else type(W).__name__}")
+    if not isinstance(W, np.ndarray) or dtype not in (np.dtype(F32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
+        raise TypeError(f"W must be a float32 / float16 / bfloat16 ndarray, got "
+                        f"{dtype if dtype is not None else type(W).__name__}")
 
 
 def _check_finite(out, W, what):

@@ -9,12 +9,14 @@ file through a temporary file and rename, a folder through a temporary folder an
 Not here: what to patch and how (``minilora.merge_plan``), the math (``minilora.lora``, ``minilora.dora``),
 key strings (``minilora.checkpoint``), printing (``cli/``).
 """
+import math
 import os
 import shutil
 import time
 
 import numpy as np
 
+from minilora import native
 from minilora.checkpoint import (ADAPTER_CONFIG, INDEX_NAME, Checkpoint, config_with_dtype, index_metadata,
                                  load_adapter, write_json)
 from minilora.dtypes import dtype_from_name, is_float
@@ -41,6 +43,9 @@ def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, qu
     ``durable``: fsync every output file before it is renamed into place (``SafetensorsWriter``).
     ``tied_ok``: merge an embedding LoRA into an embedding the output layer is tied to (``plan_patches``)."""
     t0 = time.perf_counter()
+    native.check_environment()
+    if not math.isfinite(scale):
+        raise InputError(f"--scale must be a finite number, got {scale}")
     out = os.path.abspath(str(out))
     base_is_file = os.path.isfile(base)
     if not base_is_file and out.endswith(".safetensors"):

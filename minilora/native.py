@@ -70,6 +70,13 @@ def _force_ref():
     return env == "1"
 
 
+def check_environment():
+    """InputError for a bad ``MINILORA_NUM_THREADS`` / ``MINILORA_FORCE_REF``, before a command starts (later the
+    error would seem to come from the file and tensor being processed)."""
+    _force_ref()
+    _threads(None)
+
+
 THREADS_CAP = 1 << 16  # passed to C as an int; the pool caps far lower (csrc/threads.c)
 
 

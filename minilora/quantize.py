@@ -137,6 +137,7 @@ def quantize_checkpoint(model, out, blocksize=nf4.DEFAULT_BLOCKSIZE, double_quan
                         offset_mean="exact"):
     """Quantise the selected Linear weights of ``model`` to NF4 / FP4; write ``out``; return a report."""
     t0 = time.perf_counter()
+    native.check_environment()
     if offset_mean not in OFFSET_MEANS:
         raise InputError(f"offset_mean must be one of {OFFSET_MEANS}, got {offset_mean!r}")
     out = os.path.abspath(str(out))
@@ -223,6 +224,7 @@ def dequantize_checkpoint(src, out, dtype=None, force=False, quiet=True):
     """Turn a bitsandbytes 4-bit checkpoint back into float weights (bit-exact with bitsandbytes'
     dequantisation); ``dtype`` overrides the dtype recorded in each quant state."""
     t0 = time.perf_counter()
+    native.check_environment()
     out = os.path.abspath(str(out))
     if out.endswith(".safetensors"):
         raise InputError("the output of dequantize is a model folder; give -o a folder name", out)

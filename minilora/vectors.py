@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+USAGE = "usage: python -m minilora.vectors list | export DIR"
 
 
 def manifest():
@@ -50,18 +51,25 @@ def export(folder):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["list"]:
-        for name, case in manifest()["cases"].items():
-            print(f"{name:32s} {case['operation']:16s} {case['oracle']}")
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
         return 0
-    if len(argv) == 2 and argv[0] == "export":
+    if argv == ["list"]:
+        try:
+            for name, case in manifest()["cases"].items():
+                print(f"{name:32s} {case['operation']:16s} {case['oracle']}")
+            sys.stdout.flush()
+        except BrokenPipeError:  # `... list | head`: the reader left; not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if len(argv) == 2 and argv[0] == "export" and not argv[1].startswith("-"):
         if os.path.exists(argv[1]):
             print(f"minilora.vectors: error: {argv[1]} exists", file=sys.stderr)
             return 2
         export(argv[1])
         print(f"wrote {len(manifest()['cases'])} cases to {argv[1]}")
         return 0
-    print("usage: python -m minilora.vectors list | export DIR", file=sys.stderr)
+    print(USAGE, file=sys.stderr)
     return 2
 
 

@@ -112,3 +112,23 @@ def test_requantize_report_counts_written_bytes_and_dequantize_wants_a_folder(tm
     assert 0 < size - report["totals"]["bytes"] < 16384                     # the rest is the header
     code, _, err = run("dequantize", nf4, "-o", tmp_path / "dq.safetensors")
     assert code == 2 and "give -o a folder name" in err and not os.path.exists(tmp_path / "dq.safetensors")
+
+
+def test_a_non_finite_scale_and_bad_environment_are_refused_up_front(models, tmp_path, monkeypatch):
+    """`--scale nan` was reported as "the merge produced NaN ... the adapter is too large"; a bad
+    MINILORA_NUM_THREADS as a problem of the first file and tensor merged."""
+    for scale in ("nan", "inf", "-inf"):
+        code, _, err = run("merge", models / "base", models / "ad", "-o", tmp_path / "o", "--scale", scale)
+        assert code == 2 and "--scale must be a finite number" in err, err
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "abc")
+    for args in (["merge", models / "base", models / "ad", "-o", tmp_path / "o"],
+                 ["quantize", models / "base", "-o", tmp_path / "q"]):
+        code, _, err = run(*args)
+        assert code == 2 and err.startswith("minilora: error: MINILORA_NUM_THREADS must be"), err
+    assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "q")
+
+
+def test_unmerge_summary_never_rounds_a_fraction_up_to_one():
+    from minilora.cli.merge import _floor
+
+    assert _floor(0.9999981) == "0.9999" and _floor(1.0) == "1.0000" and _floor(0.5) == "0.5000"

@@ -72,6 +72,19 @@ def test_matmul_bound(tmp_path):
     assert run(tmp_path / "out.npy", tmp_path / "ref.npy")[0] == 1          # not bit-identical
     np.save(tmp_path / "bad.npy", x @ w.T + 1.0)
     assert run(tmp_path / "bad.npy", tmp_path / "ref.npy", *args)[0] == 1
+    # integer files (minilora.vectors' bit patterns) were read as numbers ~1e9: a huge bound passed anything
+    for name in ("x", "w"):
+        np.save(tmp_path / f"{name}_bits.npy", np.load(tmp_path / f"{name}.npy").view(np.uint32))
+    bits_args = ["--bound", "matmul", "--x", tmp_path / "x_bits.npy", "--w", tmp_path / "w_bits.npy"]
+    code, _, err = run(tmp_path / "bad.npy", tmp_path / "ref.npy", *bits_args)
+    assert code == 2 and "holds uint32 values, not floats" in err and err.count("\n") == 1, err
+    np.save(tmp_path / "ref_bits.npy", np.load(tmp_path / "ref.npy").view(np.uint32))
+    code, _, err = run(tmp_path / "out.npy", tmp_path / "ref_bits.npy", *args)
+    assert code == 2 and "not floats" in err, err
+    # an output that is not (M, N): one line (was a broadcasting traceback)
+    code, _, err = run(tmp_path / "out.npy", tmp_path / "ref.npy", "--bound", "matmul", "--x", tmp_path / "x.npy",
+                       "--w", tmp_path / "x.npy")
+    assert code == 2 and "do not match the (M, N) = (3, 3)" in err and "Traceback" not in err, err
 
 
 def test_bad_input_exits_2(tmp_path):

@@ -521,6 +521,25 @@ def test_a_rename_never_changes_a_layer_number_nor_joins_two_modules(tmp_path):
     assert prefix_renames(["m.lm.layers.3.q"], ["lm.m.layers.3.q"]) == {"m.lm.": "lm.m."}
 
 
+def test_dora_flag_and_magnitude_tensors_must_agree(models, tmp_path):
+    """PEFT merges as DoRA by `use_dora`, not by the tensors present; minilora went by the tensors, so a
+    config / tensor mismatch merged silently differently from PEFT (up to 0.35 in an audit). Refused."""
+    rng = np.random.default_rng(4)
+
+    def module(name, magnitude):
+        return LoraModule(name, A=rng.standard_normal((4, 32), dtype=np.float32),
+                          B=rng.standard_normal((32, 4), dtype=np.float32),
+                          magnitude=rng.uniform(0.5, 1.5, 32).astype(np.float32) if magnitude else None)
+    q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"
+    for name, dora, mags, bad in (("flag-only", True, (False, False), q), ("tensors-only", False, (True, True), q),
+                                  ("one-missing", True, (True, False), k)):
+        ad = _adapter(tmp_path / name, {"use_dora": dora}, [module(q, mags[0]), module(k, mags[1])])
+        _expect_error(["merge", models / "base", ad, "-o", tmp_path / "o"], str(tmp_path / "o"), [models / "base"],
+                      bad)
+        code, _, err = run("merge", models / "base", ad, "-o", tmp_path / "o")
+        assert "use_dora" in err, err
+
+
 def test_bias_merge_value_and_inspect_figures(models, tmp_path):
     """lora_bias: b' = fl(b + fl(s·bias)); inspect's rank / alpha / scale per module, worked out by hand from
     the committed adapters' configs (patterns: first match wins; rsLoRA: alpha/√r)."""

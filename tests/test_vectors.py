@@ -1,5 +1,6 @@
 """The vectors shipped in the package agree with the reference, and export writes plain files."""
 import json
+import os
 
 import ml_dtypes
 import numpy as np
@@ -70,3 +71,16 @@ def test_export_writes_npy_safetensors_and_manifest(tmp_path):
     assert packed.tobytes() == vectors.load("nf4_bounds")["packed"].tobytes()
     assert (tmp_path / "v" / "vectors.safetensors").stat().st_size > 100_000
     assert vectors.main(["export", str(tmp_path / "v")]) == 2
+
+
+def test_command_line_help_and_a_closed_pipe(tmp_path, monkeypatch):
+    """`export --help` wrote every case into a folder named "--help"; `list | head` printed a BrokenPipeError."""
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    assert vectors.main(["export", "--help"]) == 0 and os.listdir(tmp_path) == []
+    assert vectors.main(["export", "-x"]) == 2 and os.listdir(tmp_path) == []
+    p = subprocess.run(f"{sys.executable} -m minilora.vectors list | head -1", shell=True, capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert p.stdout.count("\n") == 1 and p.stderr == "", p.stderr

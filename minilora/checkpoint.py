@@ -28,6 +28,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # Files of a model folder that a merge copies unchanged (config.json is copied too, see merge).
 EXTRA_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".md", ".py")  # .py: trust_remote_code
+EXTRA_NAMES = ("LICENSE", "NOTICE", "COPYING")  # the licence terms travel with the weights
+# (Subfolders are not copied: e.g. Meta's original/ holds the unmerged weights in another format.)
 LORA_PARTS = {  # adapter key suffix -> role
     "lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias",
     "lora_embedding_A": "A", "lora_embedding_B": "B", "lora_magnitude_vector": "magnitude",
@@ -143,7 +145,7 @@ class Checkpoint:
         """Non-weight files of a model folder (config, tokenizer, generation config) to carry along."""
         if self.folder is None:
             return []
-        return sorted(f for f in os.listdir(self.folder) if f.endswith(EXTRA_SUFFIXES)
+        return sorted(f for f in os.listdir(self.folder) if (f.endswith(EXTRA_SUFFIXES) or f in EXTRA_NAMES)
                       and f != INDEX_NAME and os.path.isfile(os.path.join(self.folder, f)))
 
     def close(self):

@@ -92,8 +92,12 @@ def ulp_distance(a, b):
     return int(d.max()) if d.size else 0
 
 
+CHUNK = 1 << 18  # elements compared at a time: about a dozen float64 temporaries of 2 MB each
+
+
 def compare(name, a, b, rtol=0.0, atol=0.0, bound=None):
-    """One row of the report for tensor ``name`` (``a`` compared with the reference ``b``)."""
+    """One row of the report for tensor ``name`` (``a`` compared with the reference ``b``). Memory: the two
+    tensors plus O(CHUNK) (the comparison runs over slices of the flattened tensors)."""
     row = {"name": name}
     if isinstance(a, nf4.QuantState) and isinstance(b, nf4.QuantState) and a.shape == b.shape:
         n = int(np.prod(a.shape))
@@ -107,6 +111,29 @@ def compare(name, a, b, rtol=0.0, atol=0.0, bound=None):
     if not (_numeric(a.dtype) and _numeric(b.dtype)):
         row.update(within=False, problem="not numeric")
         return row
+    fa, fb = np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1)
+    fbound = None if bound is None else np.broadcast_to(bound, a.shape).reshape(-1)
+    ulps = a.dtype == b.dtype and is_float(a.dtype)
+    max_abs = max_rel = 0.0
+    identical = outside = max_ulp = 0
+    for i in range(0, fa.size, CHUNK):
+        ca, cb = fa[i:i + CHUNK], fb[i:i + CHUNK]
+        allowed = None if fbound is None else fbound[i:i + CHUNK]
+        abs_err, rel_err, same, out = _chunk_errors(ca, cb, rtol, atol, allowed)
+        max_abs, max_rel = max(max_abs, abs_err), max(max_rel, rel_err)
+        identical, outside = identical + same, outside + out
+        if ulps:
+            max_ulp = max(max_ulp, ulp_distance(ca, cb))
+    row.update(max_abs_error=max_abs, max_rel_error=max_rel,
+               identical_fraction=identical / fa.size if fa.size else 1.0,
+               max_ulp=max_ulp if ulps else None, outside=outside)
+    row["within"] = row["outside"] == 0
+    return row
+
+
+def _chunk_errors(a, b, rtol, atol, bound):
+    """``(max abs error, max relative error, identical count, count outside the tolerance)`` of two
+    same-shape 1-D slices; a NaN against a number, or unequal infinities, count as an infinite error."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     same_nan = np.isnan(a64) & np.isnan(b64)
     err = np.where(same_nan, 0.0, np.abs(a64 - b64))
@@ -114,14 +141,10 @@ def compare(name, a, b, rtol=0.0, atol=0.0, bound=None):
     rel = err / np.maximum(np.abs(b64), np.finfo(np.float64).tiny)
     identical = (a.view(f"u{a.itemsize}") == b.view(f"u{b.itemsize}")) if a.dtype == b.dtype else (a64 == b64) | same_nan
     allowed = (atol + rtol * np.abs(b64)) if bound is None else bound
-    row.update(max_abs_error=float(err.max()) if err.size else 0.0,
-               max_rel_error=float(np.where(err == 0, 0, rel).max()) if err.size else 0.0,
-               identical_fraction=float(identical.mean()) if identical.size else 1.0,
-               max_ulp=ulp_distance(a, b) if a.dtype == b.dtype and is_float(a.dtype) else None,
-               outside=int(np.count_nonzero(~(err <= allowed))))
-    row["within"] = row["outside"] == 0
-    return row
-
+    if not err.size:
+        return 0.0, 0.0, 0, 0
+    return (float(err.max()), float(np.where(err == 0, 0, rel).max()), int(np.count_nonzero(identical)),
+            int(np.count_nonzero(~(err <= allowed) & ~same_nan)))  # (a NaN in b makes rtol's allowance NaN)
 
 
 def _numeric(dtype):

@@ -361,6 +361,8 @@ def test_dtype_option_updates_config_and_the_report_counts_written_bytes(tmp_pat
     index["metadata"]["total_parameters"] = 123
     (tmp_path / "b" / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "b" / "modeling_custom.py").write_text("# trust_remote_code\n")
+    (tmp_path / "b" / "LICENSE").write_text("licence terms\n")
+    (tmp_path / "b" / "original").mkdir()  # e.g. Meta's consolidated weights: not carried along
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     code, out, err = run("merge", tmp_path / "b", tmp_path / "ad", "-o", tmp_path / "m", "--dtype", "float16", "--json")
     assert code == 0, err
@@ -373,6 +375,7 @@ def test_dtype_option_updates_config_and_the_report_counts_written_bytes(tmp_pat
     new_index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
     assert new_index["metadata"] == {"total_parameters": 123, "total_size": report["totals"]["bytes"]}
     assert (tmp_path / "m" / "modeling_custom.py").read_text() == "# trust_remote_code\n"
+    assert (tmp_path / "m" / "LICENSE").read_text() == "licence terms\n" and not (tmp_path / "m" / "original").exists()
 
 
 def test_dtype_merges_from_the_base_values_and_converts_once(tmp_path):

@@ -38,7 +38,7 @@ def is_conv1d(config, module):
 
 # Leaf names of nn.Embedding modules in transformers (T5's relative_attention_bias sits inside the blocks).
 EMBEDDINGS = ("embed_tokens", "embed_positions", "word_embeddings", "position_embeddings", "token_type_embeddings",
-              "wte", "wpe", "shared", "relative_attention_bias", "global_relative_attention_bias")
+              "wte", "wpe", "shared", "relative_attention_bias", "global_relative_attention_bias", "embed_in")
 EXPERT_RE = re.compile(r"\.experts\.\d+\.")  # one expert's weights in a MoE layer: experts.3.w1, experts.3.up_proj
 ROUTERS = ("gate", "router")
 # Linear layers that transformers 5.23 never converts to Linear4bit: the model class's _keep_in_fp32_modules
@@ -65,5 +65,8 @@ LINEAR_SUBCLASSES = {"falcon": ("query_key_value", "dense", "dense_h_to_4h", "de
 
 
 # Input embeddings that transformers ties to the output layer of a language-model head (tie_word_embeddings).
+# Output layers that transformers 5 loads under another name (GPT-NeoX's embed_out is lm_head once loaded):
+# when the stored one is quantised, the loaded name must not be in llm_int8_skip_modules.
+LOADED_AS = {"embed_out": "lm_head"}
 TIED_INPUT_EMBEDDINGS = ("embed_tokens", "wte", "shared", "word_embeddings", "embed_in")
 LM_HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM", "WithLMHead")

@@ -138,12 +138,14 @@ def _chunk_errors(a, b, rtol, atol, bound):
     same_nan = np.isnan(a64) & np.isnan(b64)
     err = np.where(same_nan, 0.0, np.abs(a64 - b64))
     err = np.where(np.isnan(err) | (np.isinf(a64) & (a64 != b64)), np.inf, err)  # NaN vs number
-    rel = err / np.maximum(np.abs(b64), np.finfo(np.float64).tiny)
+    with np.errstate(divide="ignore", invalid="ignore"):  # relative to a non-zero reference only (NF4 code 7 is 0)
+        rel = np.where(b64 != 0, err / np.abs(b64), 0.0)
     identical = (a.view(f"u{a.itemsize}") == b.view(f"u{b.itemsize}")) if a.dtype == b.dtype else (a64 == b64) | same_nan
     allowed = (atol + rtol * np.abs(b64)) if bound is None else bound
     if not err.size:
         return 0.0, 0.0, 0, 0
-    return (float(err.max()), float(np.where(err == 0, 0, rel).max()), int(np.count_nonzero(identical)),
+    return (float(err.max()), float(np.nan_to_num(np.where(err == 0, 0, rel), nan=np.inf).max()),
+            int(np.count_nonzero(identical)),
             int(np.count_nonzero(~(err <= allowed) & ~same_nan)))  # (a NaN in b makes rtol's allowance NaN)
 
 

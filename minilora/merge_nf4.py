@@ -14,6 +14,7 @@ The report says how much of ΔW survived, per tensor: ``delta_rel_error = ‖(de
 / ‖ΔW‖`` and the share of codes that changed. QA-LoRA avoids this with a zero-point quantiser
 (docs/nf4.md); NF4 has no zero point.
 """
+import dataclasses
 import os
 import shutil
 
@@ -116,6 +117,11 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
     given = W
     if target is not None and not requantize and todo and W.dtype != target:
         W = W.astype(np.float32)  # merge in float32, convert once to --dtype (as merge.py does)
+    exact_sum = requantize and todo and all(p.module.magnitude is None for p in todo)
+    if exact_sum and W.dtype != np.float32:
+        # PEFT's Linear4bit.merge quantises dequant(W) + ΔW as the float32 sum, not rounded to the state's
+        # dtype first (its DoRA path does round first: kept as apply_patches does it)
+        W = W.astype(np.float32)
     W_new, _ = apply_patches(W, todo, sign, reader.path, name)
     row = {"name": name, "shape": list(st.shape), "adapters": [p.adapter for p in todo],
            "scale": [p.s for p in todo], "bytes": W.nbytes}
@@ -131,6 +137,7 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
         row.update(dtype=str(out.dtype), shape=list(out.shape), bytes=out.nbytes)
         return [(name, out, row)]
     new = native.for_quant_type(st.quant_type).quantize(W_new, st.blocksize, st.nested_codes is not None, st.quant_type)
+    new = dataclasses.replace(new, dtype=st.dtype)  # the layer keeps the dtype it had (quantised from float32)
     realised = native.for_quant_type(st.quant_type).dequantize(new, np.float32).astype(np.float64) - W.astype(np.float64)
     norm = float(np.linalg.norm(delta))
     row.update(dtype=f"{st.quant_type} (re-quantised)",

@@ -101,8 +101,10 @@ def float_modules(ckpt, chosen):
     One MoE expert's weights are no module in transformers 5: left out."""
     kept = [k[: -len(".weight")] for k in ckpt.keys() if k.endswith(".weight") and k not in chosen
             and len(ckpt.info(k)[1]) == 2 and is_float(ckpt.info(k)[0]) and not architectures.EXPERT_RE.search(k)]
+    loaded = {architectures.LOADED_AS[k[: -len(".weight")].rsplit(".", 1)[-1]] for k in chosen
+              if k[: -len(".weight")].rsplit(".", 1)[-1] in architectures.LOADED_AS}  # quantised under another name
     tied = [m for m, evidence in architectures.TIED_OUTPUTS.items() if f"{m}.weight" not in chosen
-            and (evidence is None or evidence in ckpt)]
+            and m not in loaded and (evidence is None or evidence in ckpt)]
     return kept + tied
 
 

@@ -112,3 +112,11 @@ def test_compare_in_slices_gives_the_whole_tensor_figures(monkeypatch):
     monkeypatch.setattr(d, "CHUNK", 64)
     assert d.compare("t", a, b, 0.0, 1e-3) == whole and d.compare("t", a, b, bound=bound) == with_bound
     assert whole["outside"] == 3 and whole["identical_fraction"] == (b.size - 3) / b.size  # NaN pairs: within
+
+
+def test_relative_error_ignores_zero_references():
+    """A 0 in the reference (NF4's code 7 dequantises to exact 0) gave `rel 3.4e+305`."""
+    from minilora import diff as d
+
+    row = d.compare("t", np.array([1e-3, 1.0], np.float32), np.array([0.0, 0.5], np.float32))
+    assert row["max_rel_error"] == 1.0 and row["max_abs_error"] == 0.5

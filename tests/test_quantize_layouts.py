@@ -388,3 +388,24 @@ def test_requantize_merges_an_adapter_that_also_touches_float_modules(tmp_path):
     W = load_file(tmp_path / "dq" / "model.safetensors")[p + "mlp.up_proj.weight"]
     again = nf4.quantize(lora.merge_weight(W, mods[0].A, mods[0].B, 2.0), 64, True)
     assert out[p + "mlp.up_proj.weight"].tobytes() == again.packed.tobytes()
+
+
+def test_gpt_neox_embed_in_is_an_embedding_and_embed_out_loads_as_lm_head(tmp_path):
+    """`--include '*'` quantised GPT-NeoX's embed_in (an nn.Embedding); `--include embed_out` left `lm_head`
+    in llm_int8_skip_modules, the name transformers 5 loads embed_out under: both folders failed to load."""
+    from minilora.safetensors_io import save_file as save
+
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "neox")
+    save({"gpt_neox.embed_in.weight": rng.standard_normal((256, 64), dtype=np.float32),
+          "gpt_neox.layers.0.attention.dense.weight": rng.standard_normal((64, 64), dtype=np.float32),
+          "embed_out.weight": rng.standard_normal((256, 64), dtype=np.float32)}, tmp_path / "neox" / "model.safetensors")
+    (tmp_path / "neox" / "config.json").write_text(json.dumps({"model_type": "gpt_neox",
+                                                                 "architectures": ["GPTNeoXForCausalLM"]}))
+    r = CliRunner().invoke(cli, ["quantize", str(tmp_path / "neox"), "-o", str(tmp_path / "all"), "--include", "*"])
+    assert r.exit_code == 2 and "gpt_neox.embed_in, an embedding" in r.stderr, r.stderr
+    r = CliRunner().invoke(cli, ["quantize", str(tmp_path / "neox"), "-o", str(tmp_path / "eo"), "--include",
+                                 "embed_out", "-q"])
+    assert r.exit_code == 0, r.stderr
+    skip = json.loads((tmp_path / "eo" / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert "lm_head" not in skip and "gpt_neox.embed_in" in skip and "gpt_neox.layers.0.attention.dense" in skip

@@ -19,7 +19,8 @@ import numpy as np
 
 from minilora.adapter_config import check_adapter_config
 from minilora.errors import InputError
-from minilora.safetensors_io import SafetensorsReader, save_file
+from minilora.safetensors_io import SafetensorsReader
+from minilora.safetensors_write import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

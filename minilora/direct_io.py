@@ -1,6 +1,6 @@
 """Sequential file writes that bypass the page cache (``O_DIRECT``), for large durable outputs.
 
-Used by ``minilora.safetensors_io.SafetensorsWriter`` for durable files of 64 MiB or more; see
+Used by ``minilora.safetensors_write.SafetensorsWriter`` for durable files of 64 MiB or more; see
 docs/merge.md "Streaming and safety" for why and for the measurements. Linux-only in effect: where
 ``O_DIRECT`` does not exist or the filesystem refuses it, ``DirectSink`` raises ``OSError`` on
 construction and the writer stays with buffered writes.

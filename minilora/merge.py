@@ -26,7 +26,7 @@ from minilora.nf4_checkpoint import quantized_weights
 from minilora.output import TEMP_PREFIX, check_output, make_parent, output_errors, staged_folder
 from minilora.pipeline import TensorStream
 from minilora.progress import Progress
-from minilora.safetensors_io import SafetensorsWriter
+from minilora.safetensors_write import SafetensorsWriter
 
 def _layout(ckpt, out):
     """(single file output?, shard file names in output) — shards are written like the input."""

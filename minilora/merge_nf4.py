@@ -28,7 +28,7 @@ from minilora.merge_plan import apply_patches, convert_checked, plan_patches, ro
 from minilora.nf4_checkpoint import check_parts, is_aux_key, quantized_weights, read_state, state_tensors
 from minilora.output import staged_folder
 from minilora.progress import Progress
-from minilora.safetensors_io import SafetensorsAppender
+from minilora.safetensors_write import SafetensorsAppender
 
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from minilora import architectures, dora, lora, native
+from minilora import architectures, dora, lora, native_merge
 from minilora.checkpoint import prefix_renames, renamed_adapter
 from minilora.dtypes import is_float
 from minilora.errors import InputError
@@ -41,17 +41,17 @@ class Patch:
             check_new_nonfinite(out, W, verb, "bias")
             return out, float(np.max(np.abs(out.astype(np.float32) - W.astype(np.float32)), initial=0.0))
         if m.magnitude is not None:  # DoRA (plan_patches refuses to unmerge it)
-            adapted = native.merge_weight_stats(W.astype(np.float32), m.A, m.B, self.s, ffio)[0]
+            adapted = native_merge.merge_weight_stats(W.astype(np.float32), m.A, m.B, self.s, ffio)[0]
             norm_of = None
             if W_orig is not None and W_orig is not W:
-                norm_of = native.merge_weight_stats(W_orig.astype(np.float32), m.A, m.B, self.s, ffio)[0]
+                norm_of = native_merge.merge_weight_stats(W_orig.astype(np.float32), m.A, m.B, self.s, ffio)[0]
             with np.errstate(all="ignore"):  # a zero norm gives inf / NaN: dora_merge_weight refuses it
                 out, _ = dora.dora_merge_weight(W, m.A, m.B, self.s, m.magnitude, ffio, adapted=adapted,
                                                 norm_of=norm_of)
             return out, float(np.max(np.abs(out.astype(np.float32) - W.astype(np.float32)), initial=0.0))
         with np.errstate(over="ignore"):  # a scale beyond float32 gives inf: reported just below
             s = np.float32(self.s) * np.float32(sign)
-        out, max_delta, bad, first = native.merge_weight_stats(W, m.A, m.B, s, ffio, out=W if inplace else None)
+        out, max_delta, bad, first = native_merge.merge_weight_stats(W, m.A, m.B, s, ffio, out=W if inplace else None)
         if bad:
             index = tuple(int(i) for i in np.unravel_index(first, W.shape))
             raise ValueError(f"{verb} produced {bad} NaN/inf values (first at index {index}) from finite base "

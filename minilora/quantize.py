@@ -28,7 +28,7 @@ from minilora.nf4_checkpoint import (check_parts, is_aux_key, quantization_confi
                                      read_state, skip_list, skipped_by, state_tensors)
 from minilora.output import check_output, staged_folder
 from minilora.progress import Progress
-from minilora.safetensors_io import SafetensorsAppender
+from minilora.safetensors_write import SafetensorsAppender
 
 BLOCK_RE = re.compile(r"(^|\.)(layers|h|layer|blocks|block)\.\d+\.")
 SKIP_PARTS = ("norm", "embed", "ln_", "lm_head", "wte", "wpe")

@@ -11,7 +11,7 @@ import numpy as np
 
 from minilora.checkpoint import INDEX_NAME, LoraModule, save_adapter, write_json
 from minilora.dtypes import dtype_from_name
-from minilora.safetensors_io import SafetensorsWriter
+from minilora.safetensors_write import SafetensorsWriter
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -34,7 +34,7 @@ def load(case):
 def export(folder):
     """Write every case as .npy files, one safetensors file and manifest.json into ``folder``."""
     from minilora.output import staged_folder
-    from minilora.safetensors_io import save_file
+    from minilora.safetensors_write import save_file
 
     with staged_folder(folder) as stage, np.load(os.path.join(HERE, "vectors.npz")) as z:
         everything = {}

@@ -9,7 +9,8 @@ import pytest
 
 from minilora import lora, native, nf4
 from minilora.errors import InputError
-from minilora.safetensors_io import SafetensorsReader, save_file
+from minilora.safetensors_io import SafetensorsReader
+from minilora.safetensors_write import save_file
 
 
 def _file(tmp_path, header, data=b""):

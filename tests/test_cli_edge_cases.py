@@ -91,7 +91,7 @@ def test_inspect_counts_parameters_of_4bit_weights_from_their_shapes():
 def test_dtype_conversion_that_overflows_is_refused_for_every_tensor(tmp_path):
     """--dtype float16 on a float32 tensor no adapter touches (a norm of 1e6): one line, not a silent inf."""
     write_llama_checkpoint(tmp_path / "b", CONFIG, seed=0)
-    from minilora.safetensors_io import save_file
+    from minilora.safetensors_write import save_file
     tensors = load_file(tmp_path / "b" / "model.safetensors")
     tensors["model.norm.weight"] = np.full_like(tensors["model.norm.weight"], 1e6)
     save_file(tensors, tmp_path / "b" / "model.safetensors")

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from minilora.cli.main import cli
 from minilora.diff import ulp_distance
-from minilora.safetensors_io import load_file, save_file
+from minilora.safetensors_io import load_file
+from minilora.safetensors_write import save_file
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "bnb")
 

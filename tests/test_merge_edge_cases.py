@@ -12,7 +12,8 @@ import pytest
 
 from minilora import lora
 from minilora.checkpoint import LoraModule, save_adapter
-from minilora.safetensors_io import load_file, save_file
+from minilora.safetensors_io import load_file
+from minilora.safetensors_write import save_file
 from minilora.synthetic import llama_config, write_llama_checkpoint, write_lora_adapter
 
 from test_merge_cli import _expect_error, run, tree_digest
@@ -73,7 +74,7 @@ def test_single_file_output_creates_its_folder(models, tmp_path):
 
 
 def test_write_errors_name_the_output_not_the_temporary_file(models, tmp_path, monkeypatch):
-    import minilora.safetensors_io as io
+    import minilora.safetensors_write as io
 
     def full_disk(self, data):
         raise OSError(28, "No space left on device")
@@ -90,7 +91,7 @@ def test_sigterm_leaves_no_output_and_exits_143(models, tmp_path):
     """A SIGTERM delivered while the first tensor is written (deterministic: the writer sends it)."""
     script = f"""
 import os, signal, sys
-import minilora.safetensors_io as io
+import minilora.safetensors_write as io
 put = io.SafetensorsWriter._put
 def put_then_term(self, data):
     put(self, data)
@@ -143,7 +144,7 @@ def test_force_replaces_only_a_folder_of_files_that_does_not_hold_the_cwd(models
 @pytest.mark.parametrize("single", [False, True])
 def test_an_output_that_appears_while_writing_is_not_replaced_without_force(models, tmp_path, monkeypatch, single):
     """Two runs writing the same -o: the later one used to replace the other's finished output silently."""
-    import minilora.safetensors_io as io
+    import minilora.safetensors_write as io
 
     out = tmp_path / ("m.safetensors" if single else "m")
     put = io.SafetensorsWriter._put

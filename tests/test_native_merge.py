@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
-from minilora import lora, native
+from minilora import lora, native, native_merge
 
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
 VARIANTS = native.available_variants()
@@ -32,13 +32,13 @@ def test_merge_and_unmerge_bit_exact(N, K, R, dtype, ffio, s, seed):
     back = lora.unmerge_weight(ref, A, B, s, ffio)
     for variant in VARIANTS:
         for threads in (1, 2):
-            out, max_delta, bad, first = native.merge_weight_stats(W, A, B, s, ffio, variant=variant, num_threads=threads)
+            out, max_delta, bad, first = native_merge.merge_weight_stats(W, A, B, s, ffio, variant=variant, num_threads=threads)
             assert out.dtype == W.dtype and out.shape == W.shape
             assert out.tobytes() == ref.tobytes(), (variant, threads)
             assert bad == 0 and first == -1
             expect = np.max(np.abs(ref.astype(np.float32) - W.astype(np.float32)), initial=0.0)
             assert max_delta == expect
-            assert native.unmerge_weight(ref, A, B, s, ffio, variant=variant).tobytes() == back.tobytes()
+            assert native_merge.unmerge_weight(ref, A, B, s, ffio, variant=variant).tobytes() == back.tobytes()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -49,9 +49,9 @@ def test_overflow_is_reported_like_the_reference(dtype, variant):
     with pytest.raises(ValueError) as ref_err:
         lora.merge_weight(W, A, B, s)
     with pytest.raises(ValueError) as out_err:
-        native.merge_weight(W, A, B, s, variant=variant)
+        native_merge.merge_weight(W, A, B, s, variant=variant)
     assert str(out_err.value) == str(ref_err.value)
-    _, _, bad, first = native.merge_weight_stats(W, A, B, s, variant=variant)
+    _, _, bad, first = native_merge.merge_weight_stats(W, A, B, s, variant=variant)
     with np.errstate(over="ignore"):
         expected = (W.astype(np.float32) + lora.delta_weight(A, B, s)).astype(dtype).astype(np.float32)
     assert bad == int(np.count_nonzero(~np.isfinite(expected)))
@@ -62,7 +62,7 @@ def test_overflow_is_reported_like_the_reference(dtype, variant):
 def test_nan_and_inf_in_the_base_stay_and_are_not_blamed(variant):
     W, A, B = _case(3, 20, 2, np.float32, 2)
     W[1, 3], W[2, 19] = np.nan, np.inf
-    out, _, bad, _ = native.merge_weight_stats(W, A, B, 2.0, variant=variant)
+    out, _, bad, _ = native_merge.merge_weight_stats(W, A, B, 2.0, variant=variant)
     ref = lora.merge_weight(W, A, B, 2.0)
     assert bad == 0 and np.isnan(out[1, 3]) and np.isinf(out[2, 19])
     finite = np.isfinite(ref)
@@ -72,13 +72,13 @@ def test_nan_and_inf_in_the_base_stay_and_are_not_blamed(variant):
 def test_bad_arguments_raise_the_reference_types():
     W, A, B = _case(4, 8, 2, np.float32, 3)
     with pytest.raises(ValueError):
-        native.merge_weight(W, A[:, :7], B, 1.0)
+        native_merge.merge_weight(W, A[:, :7], B, 1.0)
     with pytest.raises(ValueError):
         lora.merge_weight(W, A[:, :7], B, 1.0)
     with pytest.raises(TypeError):
-        native.merge_weight(W.astype(np.float64), A, B, 1.0)
+        native_merge.merge_weight(W.astype(np.float64), A, B, 1.0)
     with pytest.raises(ValueError):
-        native.merge_weight(W, A, B, 1.0, variant="sse9")
+        native_merge.merge_weight(W, A, B, 1.0, variant="sse9")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -88,9 +88,9 @@ def test_in_place_merge_gives_the_same_bits(dtype, variant, ffio):
     W, A, B = _case(37, 70, 5, dtype, 4)  # odd row count: the paired-row path and the single-row tail
     if ffio:
         W = np.ascontiguousarray(W.T)
-    ref, ref_delta, _, _ = native.merge_weight_stats(W, A, B, 2.0, ffio, variant=variant)
+    ref, ref_delta, _, _ = native_merge.merge_weight_stats(W, A, B, 2.0, ffio, variant=variant)
     buf = W.copy()
-    out, max_delta, bad, _ = native.merge_weight_stats(buf, A, B, 2.0, ffio, variant=variant, out=buf)
+    out, max_delta, bad, _ = native_merge.merge_weight_stats(buf, A, B, 2.0, ffio, variant=variant, out=buf)
     assert out is buf and bad == 0 and max_delta == ref_delta
     assert buf.tobytes() == ref.tobytes() == lora.merge_weight(W, A, B, 2.0, ffio).tobytes()
 
@@ -98,21 +98,21 @@ def test_in_place_merge_gives_the_same_bits(dtype, variant, ffio):
 def test_out_must_fit_and_must_not_partly_overlap():
     W, A, B = _case(4, 16, 2, np.float32, 5)
     with pytest.raises(ValueError, match="out must be"):
-        native.merge_weight_stats(W, A, B, 1.0, out=np.empty((4, 15), np.float32))
+        native_merge.merge_weight_stats(W, A, B, 1.0, out=np.empty((4, 15), np.float32))
     with pytest.raises(ValueError, match="out must be"):
-        native.merge_weight_stats(W, A, B, 1.0, out=np.empty((4, 16), np.float16))
+        native_merge.merge_weight_stats(W, A, B, 1.0, out=np.empty((4, 16), np.float16))
     big = np.zeros(80, np.float32)
     with pytest.raises(ValueError, match="overlaps"):
-        native.merge_weight_stats(big[:64].reshape(4, 16), A, B, 1.0, out=big[16:].reshape(4, 16))
+        native_merge.merge_weight_stats(big[:64].reshape(4, 16), A, B, 1.0, out=big[16:].reshape(4, 16))
     # A or B inside out's memory: out=W in place, or a separate out (a silently wrong merge before)
     W = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
     for kwargs in ({"A": W[:4], "B": np.ones((64, 4), np.float32)},
                    {"A": np.ones((4, 64), np.float32), "B": W.reshape(-1)[:256].reshape(64, 4)}):
         with pytest.raises(ValueError, match="out overlaps [AB]"):
-            native.merge_weight_stats(W, s=1.0, out=W, **kwargs)
+            native_merge.merge_weight_stats(W, s=1.0, out=W, **kwargs)
     out = np.zeros((64, 64), np.float32)
     with pytest.raises(ValueError, match="out overlaps A"):
-        native.merge_weight_stats(W.copy(), out[:4], np.ones((64, 4), np.float32), 1.0, out=out)
+        native_merge.merge_weight_stats(W.copy(), out[:4], np.ones((64, 4), np.float32), 1.0, out=out)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -122,9 +122,9 @@ def test_in_place_merge_reports_nan_and_overflow_like_a_fresh_output(dtype, vari
     W[0, 3], W[2, 40], W[5, 0] = np.nan, np.inf, -np.inf        # special base values stay, are not blamed
     big = 3e38 if dtype != np.float16 else 1e5                  # and most lanes overflow
     for s in (2.0, big, float("inf")):
-        ref = native.merge_weight_stats(W, A, B, s, variant=variant)
+        ref = native_merge.merge_weight_stats(W, A, B, s, variant=variant)
         buf = W.copy()
-        got = native.merge_weight_stats(buf, A, B, s, variant=variant, out=buf)
+        got = native_merge.merge_weight_stats(buf, A, B, s, variant=variant, out=buf)
         assert got[1:] == ref[1:], s                             # max |Δ|, count, first index
         assert buf.tobytes() == ref[0].tobytes(), s
     assert ref[2] > 0

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from minilora.pipeline import TensorStream
-from minilora.safetensors_io import SafetensorsReader, SafetensorsWriter, load_file, save_file
+from minilora.safetensors_io import SafetensorsReader, load_file
+from minilora.safetensors_write import SafetensorsWriter, save_file
 
 
 def _source(tmp_path, n=7):

@@ -16,7 +16,8 @@ from minilora.checkpoint import Checkpoint
 from minilora.cli.main import cli
 from minilora.double_quant import double_quantize
 from minilora.nf4_checkpoint import read_state
-from minilora.safetensors_io import load_file, save_file
+from minilora.safetensors_io import load_file
+from minilora.safetensors_write import save_file
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "bnb")
 DATA_CUDA = os.path.join(os.path.dirname(__file__), "data", "bnb_cuda")

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from minilora import lora, nf4
 from minilora.cli.main import cli
 from minilora.nf4_checkpoint import quantization_config, skip_list, skipped_by, state_tensors
-from minilora.safetensors_io import load_file, save_file
+from minilora.safetensors_io import load_file
+from minilora.safetensors_write import save_file
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "bnb")
 LLAMA = os.path.join(DATA, "tiny-llama-bf16")
@@ -393,7 +394,7 @@ def test_requantize_merges_an_adapter_that_also_touches_float_modules(tmp_path):
 def test_gpt_neox_embed_in_is_an_embedding_and_embed_out_loads_as_lm_head(tmp_path):
     """`--include '*'` quantised GPT-NeoX's embed_in (an nn.Embedding); `--include embed_out` left `lm_head`
     in llm_int8_skip_modules, the name transformers 5 loads embed_out under: both folders failed to load."""
-    from minilora.safetensors_io import save_file as save
+    from minilora.safetensors_write import save_file as save
 
     rng = np.random.default_rng(0)
     os.makedirs(tmp_path / "neox")

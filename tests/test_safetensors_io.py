@@ -10,8 +10,9 @@ import pytest
 from safetensors.numpy import save_file as st_save
 
 from minilora.errors import InputError
-from minilora import direct_io, safetensors_io
-from minilora.safetensors_io import SafetensorsReader, SafetensorsWriter, load_file, save_file
+from minilora import direct_io, safetensors_write
+from minilora.safetensors_io import SafetensorsReader, load_file
+from minilora.safetensors_write import SafetensorsWriter, save_file
 
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16, np.float64, np.int64, np.int32, np.int8,
           np.uint8, np.bool_, np.uint16]
@@ -176,7 +177,7 @@ def test_durable_writes_with_o_direct_give_the_same_bytes(tmp_path, monkeypatch,
     if mode == "refused":
         def refuse(path):
             raise OSError(22, "Invalid argument")
-        monkeypatch.setattr(safetensors_io, "DirectSink", refuse)
+        monkeypatch.setattr(safetensors_write, "DirectSink", refuse)
     rng = np.random.default_rng(3)
     ref = {f"t{i}": rng.normal(size=n).astype(np.float32) for i, n in enumerate([1, 2047, 3000, 0, 9001, 5])}
     src = tmp_path / "src.safetensors"

@@ -24,7 +24,8 @@ from minilora import nf4 as ref_nf4  # noqa: E402
 from minilora.checkpoint import Checkpoint, load_adapter  # noqa: E402
 from minilora.errors import InputError  # noqa: E402
 from minilora.nf4_checkpoint import quantization_config, state_tensors  # noqa: E402
-from minilora.safetensors_io import load_file, save_file  # noqa: E402
+from minilora.safetensors_io import load_file  # noqa: E402
+from minilora.safetensors_write import save_file  # noqa: E402
 from minilora.synthetic import llama_config, write_llama_checkpoint  # noqa: E402
 from minilora.torch_backend import (  # noqa: E402
     NF4Linear, QLoraLinear, apply_lora, export_adapter, generate, load_adapter_into, load_llama,

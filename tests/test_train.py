@@ -208,7 +208,7 @@ def test_qlora_on_a_model_without_linear_layers(tmp_path, data_file):
     config["num_hidden_layers"] = 0
     (model / "config.json").write_text(json.dumps(config))
     tensors = {k: v for k, v in load_file(model / "model.safetensors").items() if ".layers." not in k}
-    from minilora.safetensors_io import save_file
+    from minilora.safetensors_write import save_file
     save_file(tensors, model / "model.safetensors")
     r = CliRunner().invoke(cli, ["train", "--model", str(model), "--data", data_file, "-o", str(tmp_path / "o"),
                                  "--max-steps", "1", "--qlora"])

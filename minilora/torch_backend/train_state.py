@@ -15,7 +15,8 @@ import torch
 
 from minilora.errors import InputError
 from minilora.output import staged_folder
-from minilora.safetensors_io import load_file, save_file
+from minilora.safetensors_io import load_file
+from minilora.safetensors_write import save_file
 
 
 @dataclasses.dataclass

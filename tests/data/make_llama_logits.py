@@ -26,7 +26,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from minilora.safetensors_io import save_file  # noqa: E402
+from minilora.safetensors_write import save_file  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama_logits")
 SEED = 1234

@@ -122,7 +122,8 @@ def fmt(seconds):
 def machine_header(threads):
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"date: {subprocess.run(['date'], capture_output=True, text=True).stdout.strip()}")
-    print(f"cpu: {model}, {os.cpu_count()} logical CPUs, avx2={native.has_avx2()}; python {platform.python_version()}, "
+    print(f"cpu: {model}, {os.cpu_count()} logical CPUs, avx2={native.has_avx2()}, avx512={native.has_avx512()} "
+          f"(the exact GEMV's kernel: {'AVX-512F' if native.has_avx512() else 'AVX2' if native.has_avx2() else 'scalar'}); python {platform.python_version()}, "
           f"numpy {np.__version__}; threads for every library: {threads}")
     print(f"load average at start: {os.getloadavg()}")
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "MINILORA_FORCE_REF", "MINILORA_NUM_THREADS"):
@@ -187,6 +188,13 @@ def bench_shape(N, K, Ms, args, bnb, torch, torchao_nf4):
                 it["i"] = (it["i"] + 1) % copies
                 prepared[it["i"]].matmul(x)
             c["minilora prepared cold"] = gemv_prepared_cold
+            if native.has_avx512():  # the AVX2 GEMV too, as CPUs without AVX-512 run it
+                prepared_avx2 = [native.PackedNF4(p, a, N, K, variant="avx2", num_threads=T) for p, a in cold]
+
+                def gemv_avx2_cold():
+                    it["i"] = (it["i"] + 1) % copies
+                    prepared_avx2[it["i"]].matmul(x)
+                c["minilora prepared cold, AVX2 kernel"] = gemv_avx2_cold
 
             def gemv_int16_cold():
                 it["i"] = (it["i"] + 1) % copies
@@ -223,6 +231,11 @@ def bench_shape(N, K, Ms, args, bnb, torch, torchao_nf4):
                   f"same bytes with prepared weights (target >= 40 %), "
                   f"{res['stream read cold'][0] / res['minilora cold'][0]:.0%} through matmul_nf4 (checks the "
                   f"weights on every call); warm (L3-resident) at {res['stream read warm'][0] / ours:.0%} of an L3 read")
+            if "minilora prepared cold, AVX2 kernel" in res:
+                print(f"  => the AVX2 exact GEMV (what a CPU without AVX-512 runs) cold at "
+                      f"{res['stream read cold'][0] / res['minilora prepared cold, AVX2 kernel'][0]:.0%} of the "
+                      f"streaming read; the AVX-512F one is "
+                      f"{res['minilora prepared cold, AVX2 kernel'][0] / res['minilora prepared cold'][0]:.2f}x faster")
             approx = warm.matmul(x, mode="int16")[0].astype(np.float64)  # (N,)
             exact = x[0].astype(np.float64) @ w_deq.astype(np.float64).T  # (N,)
             scale = np.abs(x[0]).astype(np.float64) @ np.abs(w_deq).astype(np.float64).T  # (N,)

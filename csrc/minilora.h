@@ -4,7 +4,8 @@
  *
  * Variants: every kernel exists as NAME_ref (plain scalar loops, the C reference), NAME_avx2 (AVX2 + FMA
  * + F16C intrinsics; returns MINILORA_ENOCPU on a CPU without them) and NAME (the dispatcher: avx2 when
- * the CPU has it, else ref). Kernels with no SIMD variant say so. All variants give identical bits
+ * the CPU has it, else ref). Kernels with no SIMD variant say so. The exact GEMV also has an AVX-512F
+ * variant (minilora_matmul_nf4_avx512), which the matmul dispatcher prefers when the CPU has it. All variants give identical bits
  * except the matmuls, which are reductions (summation order differs; see nf4_matmul.c).
  *
  * nthreads: 0 = automatic (1 for small inputs, else min(2, online CPUs)); n >= 1 = exactly n threads
@@ -20,7 +21,7 @@
 enum minilora_status {
     MINILORA_OK = 0,
     MINILORA_EINVAL = 1,   /* bad size, blocksize, null pointer or scratch too small */
-    MINILORA_ENOCPU = 2    /* an _avx2 variant called on a CPU without AVX2 + FMA + F16C */
+    MINILORA_ENOCPU = 2    /* an _avx2 / _avx512 variant called on a CPU without its instructions */
 };
 
 /* Output element types of the dequantisers (round to nearest even, spec nf4.md section 4). */
@@ -94,6 +95,11 @@ int minilora_matmul_nf4_ref(const float *x, const uint8_t *packed, const float *
 int minilora_matmul_nf4_avx2(const float *x, const uint8_t *packed, const float *absmax,
                              int64_t M, int64_t N, int64_t K, int64_t blocksize, float *y,
                              void *scratch, int64_t scratch_bytes, int nthreads);
+/* The GEMV (M = 1) with AVX-512F, the GEMM with AVX2 (MINILORA_ENOCPU without both). The dispatcher above
+ * takes this one when the CPU has AVX-512F, else the AVX2 one, else the reference. */
+int minilora_matmul_nf4_avx512(const float *x, const uint8_t *packed, const float *absmax,
+                               int64_t M, int64_t N, int64_t K, int64_t blocksize, float *y,
+                               void *scratch, int64_t scratch_bytes, int nthreads);
 /* The AVX2 pieces, exported for tests and benchmarks: GEMV (M = 1) and GEMM (any M); both take the
  * scratch of minilora_matmul_nf4_scratch_bytes(M, ...) (the GEMV: x reordered, ceil(K/64)*64 floats). */
 int minilora_gemv_nf4_avx2(const float *x, const uint8_t *packed, const float *absmax,
@@ -102,6 +108,15 @@ int minilora_gemv_nf4_avx2(const float *x, const uint8_t *packed, const float *a
 int minilora_gemm_nf4_avx2(const float *x, const uint8_t *packed, const float *absmax,
                            int64_t M, int64_t N, int64_t K, int64_t blocksize, float *y,
                            void *scratch, int64_t scratch_bytes, int nthreads);
+
+/* ---- nf4_gemv_avx512.c: the exact GEMV with AVX-512F (one vpermps decodes 16 weights) ---- */
+/* 1 when this CPU (and OS) supports AVX-512F, else 0. */
+int minilora_cpu_has_avx512(void);
+/* Same contract, scratch and bound as minilora_gemv_nf4_avx2 (its own summation order); MINILORA_ENOCPU
+ * without AVX-512F. minilora_matmul_nf4 (the dispatcher) takes it for M = 1 when the CPU has it. */
+int minilora_gemv_nf4_avx512(const float *x, const uint8_t *packed, const float *absmax,
+                             int64_t N, int64_t K, int64_t blocksize, float *y,
+                             void *scratch, int64_t scratch_bytes, int nthreads);
 
 /* ---- nf4_gemv_i16.c: the approximate GEMV (opt-in; the exact kernels above are the default) ---- */
 /* y (N,) ~= x (K,) . dequant(W (N, K))^T with x quantised per group of 64 to int16 in [-8191, 8191] and the

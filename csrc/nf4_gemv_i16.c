@@ -17,7 +17,8 @@
  * Error: x_k becomes q_k * max_g / 8191 (|err| <= max_g / 16382 + rounding) and NF4[c] becomes N_c 2^-14
  * (|err| <= 2^-15), so |y - y_exact| <= sum_k absmax * (max_g / 16382 * |NF4| + 2^-15 * |x_k| + ...) plus float32 steps:
  * the bound is written out and tested in tests/test_native.py; typically ~1e-4 relative to sum |x| |w|.
- * A non-finite x has no int16 code: the call then runs the exact GEMV instead (same scratch).
+ * A non-finite x has no int16 code: the call then runs the exact GEMV of the same variant instead (the
+ * dispatcher minilora_gemv_nf4_i16: minilora_matmul_nf4's, so AVX-512F where the CPU has it; same scratch).
  *
  * Why: the exact decode needs 12 byte shuffles per 32 weights (4 vpshufb + 8 unpacks to rebuild float32)
  * and is bound by the two shuffle ports; int16 values need 2 vpshufb + 2 unpacks, and the products move to
@@ -204,7 +205,8 @@ static void i16_range32_avx2(void *ctx, int tid, int64_t n0, int64_t n1)
 
 /* ------------------------------------------------------------------ entry points */
 static int gemv_i16(const float *x, const uint8_t *packed, const float *absmax, int64_t N, int64_t K,
-                    int64_t bs, float *y, void *scratch, int64_t scratch_bytes, int nthreads, int simd)
+                    int64_t bs, float *y, void *scratch, int64_t scratch_bytes, int nthreads, int simd,
+                    int dispatch)
 {
     if (!i16_valid(x, packed, absmax, N, K, bs, y, scratch, scratch_bytes)) return MINILORA_EINVAL;
     int64_t G = n_groups(K);
@@ -212,7 +214,8 @@ static int gemv_i16(const float *x, const uint8_t *packed, const float *absmax, 
     float *d = (float *)((char *)scratch + G * GROUP * (int64_t)sizeof(int16_t));
     int pos[GROUP];                                        /* where element e of a group goes in xq */
     for (int e = 0; e < GROUP; e++) pos[e] = simd ? i16_position(e) : e;
-    if (!quantize_x(x, K, xq, d, simd ? 8 : 1, pos)) {     /* NaN / inf: the exact kernel */
+    if (!quantize_x(x, K, xq, d, simd ? 8 : 1, pos)) {     /* NaN / inf: the exact kernel of the same variant */
+        if (dispatch) return minilora_matmul_nf4(x, packed, absmax, 1, N, K, bs, y, scratch, scratch_bytes, nthreads);
         if (simd) return minilora_gemv_nf4_avx2(x, packed, absmax, N, K, bs, y, scratch, scratch_bytes, nthreads);
         return minilora_matmul_nf4_ref(x, packed, absmax, 1, N, K, bs, y, scratch, scratch_bytes, nthreads);
     }
@@ -226,7 +229,7 @@ int minilora_gemv_nf4_i16_ref(const float *x, const uint8_t *packed, const float
                               int64_t N, int64_t K, int64_t blocksize, float *y,
                               void *scratch, int64_t scratch_bytes, int nthreads)
 {
-    return gemv_i16(x, packed, absmax, N, K, blocksize, y, scratch, scratch_bytes, nthreads, 0);
+    return gemv_i16(x, packed, absmax, N, K, blocksize, y, scratch, scratch_bytes, nthreads, 0, 0);
 }
 
 int minilora_gemv_nf4_i16_avx2(const float *x, const uint8_t *packed, const float *absmax,
@@ -234,7 +237,7 @@ int minilora_gemv_nf4_i16_avx2(const float *x, const uint8_t *packed, const floa
                                void *scratch, int64_t scratch_bytes, int nthreads)
 {
     if (!minilora_cpu_has_avx2()) return MINILORA_ENOCPU;
-    return gemv_i16(x, packed, absmax, N, K, blocksize, y, scratch, scratch_bytes, nthreads, 1);
+    return gemv_i16(x, packed, absmax, N, K, blocksize, y, scratch, scratch_bytes, nthreads, 1, 0);
 }
 
 int minilora_gemv_nf4_i16(const float *x, const uint8_t *packed, const float *absmax,
@@ -242,5 +245,5 @@ int minilora_gemv_nf4_i16(const float *x, const uint8_t *packed, const float *ab
                           void *scratch, int64_t scratch_bytes, int nthreads)
 {
     return gemv_i16(x, packed, absmax, N, K, blocksize, y, scratch, scratch_bytes, nthreads,
-                    minilora_cpu_has_avx2());
+                    minilora_cpu_has_avx2(), 1);
 }

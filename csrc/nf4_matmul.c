@@ -1,4 +1,5 @@
-/* NF4-weight matmul: the scalar reference, the AVX2 GEMV (M = 1) and the dispatchers.
+/* NF4-weight matmul: the scalar reference, the AVX2 GEMV (M = 1) and the dispatchers (the AVX-512F GEMV
+ * is in nf4_gemv_avx512.c, the GEMM in nf4_gemm.c).
  *
  *   y[m, n] = sum_k x[m, k] * w[n, k],   w[n, k] = float32(NF4[code(n*K + k)] * absmax[(n*K + k) / bs])
  *
@@ -189,10 +190,22 @@ int minilora_matmul_nf4_avx2(const float *x, const uint8_t *packed, const float 
     return minilora_gemm_nf4_avx2(x, packed, absmax, M, N, K, blocksize, y, scratch, scratch_bytes, nthreads);
 }
 
+/* M = 1: the AVX-512F GEMV of nf4_gemv_avx512.c; M >= 2: the AVX2 GEMM (there is no AVX-512 GEMM). */
+int minilora_matmul_nf4_avx512(const float *x, const uint8_t *packed, const float *absmax,
+                               int64_t M, int64_t N, int64_t K, int64_t blocksize, float *y,
+                               void *scratch, int64_t scratch_bytes, int nthreads)
+{
+    if (!minilora_cpu_has_avx512() || !minilora_cpu_has_avx2()) return MINILORA_ENOCPU;
+    if (M == 1) return minilora_gemv_nf4_avx512(x, packed, absmax, N, K, blocksize, y, scratch, scratch_bytes, nthreads);
+    return minilora_gemm_nf4_avx2(x, packed, absmax, M, N, K, blocksize, y, scratch, scratch_bytes, nthreads);
+}
+
 int minilora_matmul_nf4(const float *x, const uint8_t *packed, const float *absmax,
                         int64_t M, int64_t N, int64_t K, int64_t blocksize, float *y,
                         void *scratch, int64_t scratch_bytes, int nthreads)
 {
+    if (minilora_cpu_has_avx512() && minilora_cpu_has_avx2())
+        return minilora_matmul_nf4_avx512(x, packed, absmax, M, N, K, blocksize, y, scratch, scratch_bytes, nthreads);
     if (minilora_cpu_has_avx2())
         return minilora_matmul_nf4_avx2(x, packed, absmax, M, N, K, blocksize, y, scratch, scratch_bytes, nthreads);
     return minilora_matmul_nf4_ref(x, packed, absmax, M, N, K, blocksize, y, scratch, scratch_bytes, nthreads);

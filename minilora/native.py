@@ -4,8 +4,10 @@ Same function names and signatures as the NumPy reference (``minilora.nf4``, ``m
 plus two keywords:
 
 ``variant``      ``"auto"`` (the C dispatcher: AVX2 + FMA + F16C when the CPU has them, else the scalar
-                 reference), ``"ref"`` (the scalar C reference) or ``"avx2"`` (raises ``RuntimeError`` on a
-                 CPU without AVX2; never a silent fallback). ``MINILORA_FORCE_REF=1`` in the environment
+                 reference; for ``matmul_nf4`` the AVX-512F GEMV first where the CPU has it), ``"ref"`` (the
+                 scalar C reference), ``"avx2"`` (raises ``RuntimeError`` on a CPU without AVX2; never a silent
+                 fallback) or ``"avx512"`` (``matmul_nf4`` / ``PackedNF4`` only: the AVX-512F GEMV for M = 1,
+                 the AVX2 GEMM and int16 GEMV otherwise; ``RuntimeError`` without AVX-512F). ``MINILORA_FORCE_REF=1`` in the environment
                  turns ``"auto"`` into ``"ref"`` (read at each call; ``0`` or unset: off, anything else is an
                  ``InputError``); an explicit ``variant`` wins over it.
 ``num_threads``  None -> ``MINILORA_NUM_THREADS`` from the environment, else automatic (1 thread for small
@@ -32,7 +34,8 @@ from minilora.double_quant import as_f32_scalar, check_f32_vector
 from minilora.nf4 import check_blocksize, check_state
 from minilora.tables import DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE
 
-VARIANTS = ("auto", "ref", "avx2")
+VARIANTS = ("auto", "ref", "avx2", "avx512")
+_AVX512_KERNELS = ("matmul_nf4",)  # the only kernels with an AVX-512 variant
 _IN_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 _OUT_CODES = {np.dtype(np.float32): lib.MINILORA_FLOAT32, np.dtype(ml_dtypes.bfloat16): lib.MINILORA_BFLOAT16,
               np.dtype(np.float16): lib.MINILORA_FLOAT16}
@@ -43,9 +46,19 @@ def has_avx2():
     return bool(lib.minilora_cpu_has_avx2())
 
 
+def has_avx512():
+    """True when this CPU (and OS) runs the AVX-512F GEMV (it also needs AVX2 for the rest of the matmul)."""
+    return bool(lib.minilora_cpu_has_avx512()) and has_avx2()
+
+
 def available_variants():
-    """The concrete variants this CPU can run: ``("ref",)`` or ``("ref", "avx2")``."""
+    """The concrete variants of every kernel this CPU can run: ``("ref",)`` or ``("ref", "avx2")``."""
     return ("ref", "avx2") if has_avx2() else ("ref",)
+
+
+def matmul_variants():
+    """The concrete variants of ``matmul_nf4`` this CPU can run: ``available_variants()`` plus ``"avx512"``."""
+    return available_variants() + (("avx512",) if has_avx512() else ())
 
 
 # ---------------------------------------------------------------- variant, threads, status
@@ -54,12 +67,17 @@ def _kernel(name, variant, simd=True):
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant == "auto" and _force_ref():
         variant = "ref"
-    if variant == "avx2":
+    if variant in ("avx2", "avx512"):
         if not simd:
             raise ValueError(f"{name} has only a scalar C kernel; use variant='auto' or 'ref'")
         if not has_avx2():
-            raise RuntimeError(f"variant='avx2' asked for {name}, but this CPU lacks AVX2 + FMA + F16C")
-    suffix = {"auto": "", "ref": "_ref", "avx2": "_avx2"}[variant] if simd else ""
+            raise RuntimeError(f"variant={variant!r} asked for {name}, but this CPU lacks AVX2 + FMA + F16C")
+    if variant == "avx512":
+        if name not in _AVX512_KERNELS:
+            raise ValueError(f"{name} has no AVX-512 kernel; use variant='auto', 'ref' or 'avx2'")
+        if not has_avx512():
+            raise RuntimeError(f"variant='avx512' asked for {name}, but this CPU lacks AVX-512F")
+    suffix = {"auto": "", "ref": "_ref", "avx2": "_avx2", "avx512": "_avx512"}[variant] if simd else ""
     return getattr(lib, f"minilora_{name}{suffix}")
 
 
@@ -274,7 +292,7 @@ class PackedNF4:
 
     def __init__(self, packed, absmax, N, K, blocksize=DEFAULT_BLOCKSIZE, *, variant="auto", num_threads=None):
         self._fn = _kernel("matmul_nf4", variant)
-        self._fn_i16 = _kernel("gemv_nf4_i16", variant)
+        self._fn_i16 = _kernel("gemv_nf4_i16", "avx2" if variant == "avx512" else variant)  # no AVX-512 int16
         packed, absmax, (self.N, self.K), _, self.blocksize = _check_state(packed, absmax, (N, K), blocksize)
         if self.K % self.blocksize:
             raise ValueError(f"native matmul_nf4 needs K % blocksize == 0, got K={self.K}, "

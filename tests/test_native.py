@@ -14,6 +14,7 @@ from minilora.tables import ALLOWED_BLOCKSIZES, NF4_MID, TINY
 from minilora.tables import NF4 as NF4_VALUES
 
 VARIANTS = native.available_variants()             # ("ref",) or ("ref", "avx2")
+MATMUL_VARIANTS = native.matmul_variants()         # VARIANTS, plus "avx512" where the CPU has AVX-512F
 SIZES = [1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1000, 4099]
 OUT_DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
 U = 2.0 ** -24
@@ -331,6 +332,36 @@ def test_environment_switches(monkeypatch):
         native.quantize_nf4(x)
 
 
+def test_avx512_variant_is_for_the_matmul_only(monkeypatch):
+    with pytest.raises(ValueError, match="no AVX-512 kernel"):
+        native.quantize_nf4(np.ones(4, np.float32), variant="avx512")
+    with pytest.raises(ValueError, match="no AVX-512 kernel"):
+        native.dequantize_nf4(np.zeros(2, np.uint8), np.ones(1, np.float32), (4,), variant="avx512")
+    monkeypatch.setattr(native, "has_avx512", lambda: False)
+    packed, absmax = nf4.quantize_nf4(np.ones(64, np.float32))
+    with pytest.raises(RuntimeError, match="AVX-512F"):
+        native.matmul_nf4(np.ones((1, 64), np.float32), packed, absmax, 1, 64, variant="avx512")
+
+
+@pytest.mark.skipif(not native.has_avx512(), reason="this CPU has no AVX-512F")
+def test_dispatcher_takes_the_avx512_gemv_and_the_avx2_gemm():
+    """variant="auto" on an AVX-512 CPU: the GEMV's bits are the AVX-512 kernel's (its summation order differs
+    from the AVX2 one), the GEMM's are the AVX2 kernel's; the int16 mode of an "avx512" object is AVX2's."""
+    rng = np.random.default_rng(8)
+    N, K = 33, 4096
+    packed, absmax = nf4.quantize_nf4(rng.standard_normal((N, K)).astype(np.float32))
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    got = {v: native.matmul_nf4(x, packed, absmax, N, K, variant=v) for v in ("auto", "avx2", "avx512")}
+    assert bits(got["auto"]).tolist() == bits(got["avx512"]).tolist()
+    assert bits(got["avx2"]).tolist() != bits(got["avx512"]).tolist()  # K = 4096: the orders round apart
+    x8 = rng.standard_normal((8, K)).astype(np.float32)
+    assert bits(native.matmul_nf4(x8, packed, absmax, N, K, variant="auto")).tolist() == \
+        bits(native.matmul_nf4(x8, packed, absmax, N, K, variant="avx2")).tolist()
+    w = native.PackedNF4(packed, absmax, N, K, variant="avx512")
+    assert bits(w.matmul(x, mode="int16")).tolist() == \
+        bits(native.matmul_nf4(x, packed, absmax, N, K, variant="avx2", mode="int16")).tolist()
+
+
 def test_no_silent_fallback(monkeypatch):
     monkeypatch.setattr(native, "has_avx2", lambda: False)
     with pytest.raises(RuntimeError, match="AVX2"):
@@ -381,7 +412,7 @@ def test_dequantize_absmax_equals_reference(n, seed):
 
 
 # ---------------------------------------------------------------- matmul
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", MATMUL_VARIANTS)
 @FAST
 @given(M=st.sampled_from([1, 2, 3, 7, 8, 9, 16, 17, 33]), N=st.sampled_from([1, 2, 5, 6, 7, 13, 64]),
        kblocks=st.integers(1, 5), blocksize=st.sampled_from([32, 64, 128, 256]),
@@ -400,7 +431,7 @@ def test_matmul_within_derived_bound(variant, M, N, kblocks, blocksize, threads,
     assert (np.abs(out - ref) <= bound).all()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", MATMUL_VARIANTS)
 def test_prepared_weights_give_matmul_nf4_bits_for_every_m(variant):
     rng = np.random.default_rng(3)
     N, K = 13, 192
@@ -419,12 +450,13 @@ def test_prepared_weights_give_matmul_nf4_bits_for_every_m(variant):
         native.PackedNF4(packed[:-1], absmax, N, K, 64)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", MATMUL_VARIANTS)
 @pytest.mark.parametrize("blocksize", [32, 64, 128])
 @pytest.mark.parametrize("kblocks", [1, 2, 3, 5])
 def test_gemv_one_hot_x_reads_each_weight(variant, blocksize, kblocks):
     """M = 1 with x = e_k gives column k of dequant(W) exactly (one nonzero product, exact zeros elsewhere):
-    checks the AVX2 GEMV's reordering of x for every k, with half groups of 64 (blocksize 32, odd kblocks)."""
+    checks the AVX2 and AVX-512 GEMVs' reordering of x for every k, with half groups of 64 (blocksize 32, odd
+    kblocks)."""
     N, K = 19, kblocks * blocksize
     rng = np.random.default_rng(blocksize + kblocks)
     packed, absmax = nf4.quantize_nf4(rng.standard_normal((N, K)).astype(np.float32), blocksize)
@@ -436,7 +468,7 @@ def test_gemv_one_hot_x_reads_each_weight(variant, blocksize, kblocks):
         np.testing.assert_array_equal(out[0], w[:, k])
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", MATMUL_VARIANTS)
 def test_matmul_thread_count_changes_no_bit(variant):
     rng = np.random.default_rng(5)
     N, K = 77, 256

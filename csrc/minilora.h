@@ -101,7 +101,7 @@ int minilora_matmul_nf4_avx512(const float *x, const uint8_t *packed, const floa
                                int64_t M, int64_t N, int64_t K, int64_t blocksize, float *y,
                                void *scratch, int64_t scratch_bytes, int nthreads);
 /* The AVX2 pieces, exported for tests and benchmarks: GEMV (M = 1) and GEMM (any M); both take the
- * scratch of minilora_matmul_nf4_scratch_bytes(M, ...) (the GEMV: x reordered, ceil(K/64)*64 floats). */
+ * scratch of minilora_matmul_nf4_scratch_bytes(M, ...) (the GEMV: x reordered, ceil(K/128)*128 floats). */
 int minilora_gemv_nf4_avx2(const float *x, const uint8_t *packed, const float *absmax,
                            int64_t N, int64_t K, int64_t blocksize, float *y,
                            void *scratch, int64_t scratch_bytes, int nthreads);

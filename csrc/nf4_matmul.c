@@ -16,7 +16,7 @@
  *          exact float32 NF4 value, no activation quantisation. The GEMV decoder of nf4_simd.h (one shuffle
  *          per 32 weights fewer than nf4_decode32) yields a group of 64 weights in a permuted order, so x is
  *          first copied once per call into that order:
- *              xg[64g + pos(e)] = x[64g + e]  (0 for 64g + e >= K),  scratch: ceil(K/64) * 64 floats
+ *              xg[64g + pos(e)] = x[64g + e]  (0 for 64g + e >= K),  ceil(K/64) * 64 floats of the scratch
  *          With blocksize 32 a group holds two blocks, one per 128-bit lane, each scaled by its own absmax.
  *   GEMM:  see nf4_gemm.c (dequantised float32 weights, FMA, sums over k-slices of 256).
  * Threads split N; an output is computed by the same statements whichever thread computes it.
@@ -80,7 +80,7 @@ int minilora_matmul_nf4_ref(const float *x, const uint8_t *packed, const float *
 /* ------------------------------------------------------------------ AVX2 GEMV */
 static int64_t gemv_scratch_floats(int64_t K)
 {
-    return (K + 63) / 64 * 64;
+    return (K + 127) / 128 * 128;   /* the AVX2 GEMV uses ceil(K/64)*64 of it, the AVX-512F one all */
 }
 
 /* xg[64g + pos(e)] = x[64g + e], zero-padded to a whole group: the order nf4_decode32_gemv yields. */
@@ -164,7 +164,7 @@ int minilora_gemv_nf4_avx2(const float *x, const uint8_t *packed, const float *a
 {
     if (!minilora_cpu_has_avx2()) return MINILORA_ENOCPU;
     if (!mm_valid(x, packed, absmax, 1, N, K, blocksize, y)) return MINILORA_EINVAL;
-    if (!scratch || scratch_bytes < gemv_scratch_floats(K) * (int64_t)sizeof(float)) return MINILORA_EINVAL;
+    if (!scratch || scratch_bytes < (K + 63) / 64 * 64 * (int64_t)sizeof(float)) return MINILORA_EINVAL;
     float *xg = scratch;
     gemv_order_x(x, K, xg);
     struct mm_args a = {xg, packed, absmax, 1, N, K, blocksize, y};

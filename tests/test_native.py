@@ -2,6 +2,8 @@
 within the derived bound gamma_K * (|x| @ |w|.T) for the matmul. Needs no GPU, torch or bitsandbytes."""
 import json
 import pathlib
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -466,6 +468,48 @@ def test_gemv_one_hot_x_reads_each_weight(variant, blocksize, kblocks):
         x[0, k] = 1.0
         out = native.matmul_nf4(x, packed, absmax, N, K, blocksize, variant=variant, num_threads=1)  # (1, N)
         np.testing.assert_array_equal(out[0], w[:, k])
+
+
+GUARD_PAGE_SCRIPT = r"""
+import ctypes, mmap, sys
+import numpy as np
+from minilora import native, nf4
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+def at_page_end(a):
+    # a copy of `a` whose last byte is the last byte before a PROT_NONE page: reading past it is a SIGSEGV
+    buf = mmap.mmap(-1, 2 * mmap.PAGESIZE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mprotect(base + mmap.PAGESIZE, mmap.PAGESIZE, 0) == 0, ctypes.get_errno()
+    out = np.frombuffer(buf, a.dtype, a.size, mmap.PAGESIZE - a.nbytes).reshape(a.shape)
+    out[...] = a
+    KEEP.append(buf)
+    return out
+
+KEEP = []
+variant = sys.argv[1]
+rng = np.random.default_rng(0)
+for bs in (32, 64, 128):
+    for K in (bs, 3 * bs, 5 * bs):
+        N = 3
+        packed, absmax = nf4.quantize_nf4(rng.standard_normal((N, K)).astype(np.float32), bs)
+        x = rng.standard_normal((1, K)).astype(np.float32)
+        want = native.matmul_nf4(x, packed, absmax, N, K, bs, variant=variant, num_threads=1)
+        got = native.matmul_nf4(x, at_page_end(packed), at_page_end(absmax), N, K, bs, variant=variant, num_threads=1)
+        assert got.tobytes() == want.tobytes()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("variant", MATMUL_VARIANTS)
+def test_gemv_reads_no_byte_past_the_weights(variant):
+    """The weights and absmax of the last row end just before a PROT_NONE page: a GEMV whose last chunk loads
+    a whole 64 / 128 elements (the AVX-512 kernel reads 128 at a time, masked) would die with SIGSEGV. In a
+    subprocess, so that a crash fails this test instead of killing pytest."""
+    done = subprocess.run([sys.executable, "-c", GUARD_PAGE_SCRIPT, variant], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
 
 
 @pytest.mark.parametrize("variant", MATMUL_VARIANTS)

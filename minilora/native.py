@@ -7,9 +7,9 @@ plus two keywords:
                  reference; for ``matmul_nf4`` the AVX-512F GEMV first where the CPU has it), ``"ref"`` (the
                  scalar C reference), ``"avx2"`` (raises ``RuntimeError`` on a CPU without AVX2; never a silent
                  fallback) or ``"avx512"`` (``matmul_nf4`` / ``PackedNF4`` only: the AVX-512F GEMV for M = 1,
-                 the AVX2 GEMM and int16 GEMV otherwise; ``RuntimeError`` without AVX-512F). ``MINILORA_FORCE_REF=1`` in the environment
-                 turns ``"auto"`` into ``"ref"`` (read at each call; ``0`` or unset: off, anything else is an
-                 ``InputError``); an explicit ``variant`` wins over it.
+                 the AVX2 GEMM and int16 GEMV otherwise; ``RuntimeError`` without AVX-512F).
+                 ``MINILORA_FORCE_REF=1`` in the environment turns ``"auto"`` into ``"ref"`` (read at each
+                 call; ``0`` or unset: off, anything else is an ``InputError``); an explicit ``variant`` wins.
 ``num_threads``  None -> ``MINILORA_NUM_THREADS`` from the environment, else automatic (1 thread for small
                  inputs, 2 for large ones). No result bit of quantise / dequantise / double quantisation
                  depends on it, nor any matmul output (the split is over N).
@@ -67,16 +67,14 @@ def _kernel(name, variant, simd=True):
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant == "auto" and _force_ref():
         variant = "ref"
-    if variant in ("avx2", "avx512"):
-        if not simd:
-            raise ValueError(f"{name} has only a scalar C kernel; use variant='auto' or 'ref'")
-        if not has_avx2():
-            raise RuntimeError(f"variant={variant!r} asked for {name}, but this CPU lacks AVX2 + FMA + F16C")
-    if variant == "avx512":
-        if name not in _AVX512_KERNELS:
-            raise ValueError(f"{name} has no AVX-512 kernel; use variant='auto', 'ref' or 'avx2'")
-        if not has_avx512():
-            raise RuntimeError(f"variant='avx512' asked for {name}, but this CPU lacks AVX-512F")
+    if variant in ("avx2", "avx512") and not simd:
+        raise ValueError(f"{name} has only a scalar C kernel; use variant='auto' or 'ref'")
+    if variant == "avx512" and name not in _AVX512_KERNELS:
+        raise ValueError(f"{name} has no AVX-512 kernel; use variant='auto', 'ref' or 'avx2'")
+    if variant in ("avx2", "avx512") and not has_avx2():
+        raise RuntimeError(f"variant={variant!r} asked for {name}, but this CPU lacks AVX2 + FMA + F16C")
+    if variant == "avx512" and not has_avx512():
+        raise RuntimeError(f"variant='avx512' asked for {name}, but this CPU lacks AVX-512F")
     suffix = {"auto": "", "ref": "_ref", "avx2": "_avx2", "avx512": "_avx512"}[variant] if simd else ""
     return getattr(lib, f"minilora_{name}{suffix}")
 

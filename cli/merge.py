@@ -43,6 +43,10 @@ def _floor(fraction, digits=4):
 @click.option("--dtype", type=_DTYPES, default=None, help="Output dtype of float tensors (default: keep).")
 @click.option("--requantize", is_flag=True,
               help="4-bit base: quantise the merged weights again (lossy; the report says how much of ΔW survived).")
+@click.option("--nested-offset", "offset_mean", type=click.Choice(["exact", "torch"]), default="exact",
+              show_default=True, help="With --requantize on a double-quantised base: the offset as the correctly "
+              "rounded mean of the absmax values, or as bitsandbytes' torch.mean on the CPU ('torch' gives PEFT's "
+              "merged bytes; the last bit of the offset differs in about half the tensors).")
 @click.option("--merge-tied-embeddings", "tied_ok", is_flag=True,
               help="Merge an embedding LoRA even where the output layer is tied to that embedding "
                    "(tie_word_embeddings): the output layer changes too, as with PEFT's merge_and_unload.")
@@ -50,7 +54,7 @@ def _floor(fraction, digits=4):
 @force_option
 @json_option
 @quiet_option
-def merge(base, adapters, output, scale, dtype, requantize, tied_ok, fsync, force, as_json, quiet):
+def merge(base, adapters, output, scale, dtype, requantize, offset_mean, tied_ok, fsync, force, as_json, quiet):
     """Merge one or more PEFT LoRA adapters into BASE: W' = W + scale·(alpha/r)·B A, one rounding.
 
     BASE is a .safetensors file, a sharded checkpoint folder or a model folder (also a 4-bit
@@ -64,7 +68,7 @@ def merge(base, adapters, output, scale, dtype, requantize, tied_ok, fsync, forc
     """
     report = merge_checkpoint(base, list(adapters), output, scale=scale, dtype=dtype, force=force,
                               quiet=quiet or as_json, sign=+1, requantize=requantize, durable=fsync,
-                              tied_ok=tied_ok)
+                              tied_ok=tied_ok, offset_mean=offset_mean)
     print_json(report) if as_json else _summary(report)
 
 

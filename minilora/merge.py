@@ -36,16 +36,23 @@ def _layout(ckpt, out):
 
 
 def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, quiet=True, sign=+1,
-                     requantize=False, durable=True, tied_ok=False):
+                     requantize=False, durable=True, tied_ok=False, offset_mean="exact"):
     """Merge (``sign=+1``) or unmerge (``sign=-1``) adapters into ``base``; write ``out``; return a
     report dict. ``base``: file or model folder; ``adapters``: paths of PEFT adapters. An NF4 base
     (bitsandbytes layout) is dequantised; ``requantize`` quantises the merged weights again.
     ``durable``: fsync every output file before it is renamed into place (``SafetensorsWriter``).
-    ``tied_ok``: merge an embedding LoRA into an embedding the output layer is tied to (``plan_patches``)."""
+    ``tied_ok``: merge an embedding LoRA into an embedding the output layer is tied to (``plan_patches``).
+    ``offset_mean``: with ``requantize``, the double quantisation offset as the exact mean ("exact") or as
+    bitsandbytes' CPU ``torch.mean`` ("torch", as PEFT's ``Linear4bit.merge`` gets it; docs/nf4.md §3)."""
     t0 = time.perf_counter()
     native.check_environment()
     if not math.isfinite(scale):
         raise InputError(f"--scale must be a finite number, got {scale}")
+    if offset_mean not in ("exact", "torch"):
+        raise ValueError(f"offset_mean must be 'exact' or 'torch', got {offset_mean!r}")
+    if offset_mean != "exact" and not requantize:
+        raise InputError("--nested-offset applies only with --requantize (it sets how the merged weights are "
+                         "quantised again)")
     out = os.path.abspath(str(out))
     base_is_file = os.path.isfile(base)
     if not base_is_file and out.endswith(".safetensors"):
@@ -61,7 +68,7 @@ def merge_checkpoint(base, adapters, out, scale=1.0, dtype=None, force=False, qu
             from minilora.merge_nf4 import merge_quantized
 
             rows, written = merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable,
-                                            tied_ok, force, renamed)
+                                            tied_ok, force, renamed, offset_mean)
             return _report(base, adapters, out, sign, rows, t0, renamed, written)
         if requantize:
             raise InputError("--requantize needs a 4-bit (bitsandbytes NF4/FP4) base", ckpt.path)

@@ -28,14 +28,16 @@ from minilora.merge_plan import apply_patches, convert_checked, plan_patches, ro
 from minilora.nf4_checkpoint import check_parts, is_aux_key, quantized_weights, read_state, state_tensors
 from minilora.output import staged_folder
 from minilora.progress import Progress
+from minilora.quantize import torch_mean_float32
 from minilora.safetensors_write import SafetensorsAppender
 
 
 
 def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign, durable=True, tied_ok=False, replace=True,
-                    renamed=None):
+                    renamed=None, offset_mean="exact"):
     """Merge ``adapters`` into the 4-bit checkpoint ``ckpt``; write the folder ``out``; return ``(rows, bytes
-    of tensor data written)`` (rows cover the tensors that were merged, dequantised or copied in float)."""
+    of tensor data written)`` (rows cover the tensors that were merged, dequantised or copied in float).
+    ``offset_mean``: the re-quantised double quantisation offset, "exact" mean or bitsandbytes' "torch" mean."""
     if ckpt.folder is None:
         raise InputError("a 4-bit base must be a model folder", ckpt.path)
     if requantize and target is not None:
@@ -79,7 +81,7 @@ def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign,
                         progress.update(nbytes, name)
                         continue
                     for key, value, row in _one(ckpt, reader, name, quantized, state, patches, full,
-                                                target, requantize, sign):
+                                                target, requantize, sign, offset_mean):
                         w.write(key, value)
                         weight_map[key] = shard
                         written += value.nbytes
@@ -90,7 +92,7 @@ def merge_quantized(ckpt, adapters, out, scale, target, requantize, quiet, sign,
     return rows, written
 
 
-def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize, sign):
+def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize, sign, offset_mean="exact"):
     """The output tensors ``[(key, array, row)]`` for the input tensor ``name``."""
     todo = patches.get(name, [])
     if name not in quantized:
@@ -136,8 +138,13 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
             out = np.ascontiguousarray(out.T)  # (K, N): Conv1D's own layout, as dequantize writes it
         row.update(dtype=str(out.dtype), shape=list(out.shape), bytes=out.nbytes)
         return [(name, out, row)]
-    new = native.for_quant_type(st.quant_type).quantize(W_new, st.blocksize, st.nested_codes is not None, st.quant_type)
-    new = dataclasses.replace(new, dtype=st.dtype)  # the layer keeps the dtype it had (quantised from float32)
+    backend, double_quant = native.for_quant_type(st.quant_type), st.nested_codes is not None
+    offset = None
+    if double_quant and offset_mean == "torch":  # PEFT + bitsandbytes: absmax.mean() of a CPU float32 tensor
+        offset = torch_mean_float32(backend.quantize(W_new, st.blocksize, False, st.quant_type).absmax)
+    new = backend.quantize(W_new, st.blocksize, double_quant, st.quant_type, offset)
+    # the layer keeps the dtype it had (PEFT's state says float32, the dtype of the sum it quantised: docs/nf4.md §6)
+    new = dataclasses.replace(new, dtype=st.dtype)
     realised = native.for_quant_type(st.quant_type).dequantize(new, np.float32).astype(np.float64) - W.astype(np.float64)
     norm = float(np.linalg.norm(delta))
     row.update(dtype=f"{st.quant_type} (re-quantised)",

@@ -231,6 +231,42 @@ def test_requantize_of_a_bf16_layer_quantises_the_float32_sum_as_peft(tmp_path):
     assert new.packed.tobytes() == want.packed.tobytes() != rounded.packed.tobytes()
 
 
+def test_requantize_nested_offset_torch_stores_bitsandbytes_mean(tmp_path):
+    """--nested-offset torch: a re-quantised layer's offset is torch.mean of its new absmax, as PEFT's
+    Linear4bit.merge + bitsandbytes store it (with it an audit found PEFT's merged tensors equal to minilora's
+    in every byte but the quant state's dtype field); the default stays the exact mean. The two part in some
+    layers here, and the codes never depend on the choice."""
+    from minilora import lora
+    from minilora.checkpoint import load_adapter
+    from minilora.double_quant import exact_mean_float32
+    from minilora.quantize import torch_mean_float32
+    from minilora.synthetic import llama_config, write_llama_checkpoint, write_lora_adapter
+
+    config = llama_config(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=64, dtype="bfloat16")
+    write_llama_checkpoint(tmp_path / "b", config, seed=3)
+    write_lora_adapter(tmp_path / "ad", config, rank=4, alpha=8, std=0.05, seed=4)
+    assert run("quantize", tmp_path / "b", "-o", tmp_path / "q", "--double-quant", "-q")[0] == 0
+    for mean in ("exact", "torch"):
+        code, _, err = run("merge", tmp_path / "q", tmp_path / "ad", "-o", tmp_path / mean, "--requantize",
+                           "--nested-offset", mean, "-q")
+        assert code == 0, err
+    modules = load_adapter(tmp_path / "ad").modules
+    parted = 0
+    with Checkpoint(str(tmp_path / "q")) as q, Checkpoint(str(tmp_path / "exact")) as e, \
+            Checkpoint(str(tmp_path / "torch")) as t:
+        for path, m in modules.items():
+            key = path + ".weight"
+            W = nf4.dequantize(read_state(q, key)).astype(np.float32) + lora.delta_weight(m.A, m.B, 2.0)  # (N, K)
+            absmax = nf4.quantize(W, 64).absmax  # what double quantisation then compresses
+            new_e, new_t = read_state(e, key), read_state(t, key)
+            assert new_e.offset == exact_mean_float32(absmax) and new_t.offset == torch_mean_float32(absmax)
+            assert new_e.packed.tobytes() == new_t.packed.tobytes()
+            parted += new_e.offset != new_t.offset
+    assert 0 < parted < len(modules), parted
+    _error(["merge", tmp_path / "q", tmp_path / "ad", "-o", tmp_path / "x", "--nested-offset", "torch"],
+           "--nested-offset applies only with --requantize")
+
+
 def test_requantize_needs_a_4bit_base(tmp_path):
     from minilora.synthetic import write_lora_adapter
 

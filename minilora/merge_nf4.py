@@ -3,7 +3,8 @@
 ``W = dequant(W_q)`` (bit-exact with bitsandbytes), ``W' = round(W + s·B A)`` as in ``minilora.merge``.
 Without ``requantize`` the output is a plain float checkpoint (every 4-bit weight dequantised, the
 ``quantization_config`` dropped). With ``requantize`` the merged weights are quantised again with
-the same blocksize, type and double quantisation, and everything else is copied byte for byte.
+the same blocksize, type and double quantisation, and everything else is copied byte for byte; with
+several adapters after each one, in order, as PEFT's ``Linear4bit.merge`` does.
 
 4-bit weights are ``(N, K)`` whatever the layer (bitsandbytes stores GPT-2's Conv1D weights transposed);
 a Conv1D weight dequantised into the float output goes back to Conv1D's ``(K, N)`` (``minilora.architectures``).
@@ -119,12 +120,19 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
     given = W
     if target is not None and not requantize and todo and W.dtype != target:
         W = W.astype(np.float32)  # merge in float32, convert once to --dtype (as merge.py does)
-    exact_sum = requantize and todo and all(p.module.magnitude is None for p in todo)
-    if exact_sum and W.dtype != np.float32:
+    if requantize and _plain(todo) and W.dtype != np.float32:
         # PEFT's Linear4bit.merge quantises dequant(W) + ΔW as the float32 sum, not rounded to the state's
         # dtype first (its DoRA path does round first: kept as apply_patches does it)
         W = W.astype(np.float32)
-    W_new, _ = apply_patches(W, todo, sign, reader.path, name)
+    W_new = W
+    backend = native.for_quant_type(st.quant_type)
+    # --requantize with several adapters: PEFT's Linear4bit.merge quantises again after each one, in order
+    for i, step in enumerate([[p] for p in todo] if requantize else [todo]):
+        if i:  # the previous adapter's result as PEFT holds it: quantised, dequantised to the sum's dtype
+            W_new = backend.dequantize(_quantize(backend, W_new, st, offset_mean), W_new.dtype)
+        if requantize and _plain(step):
+            W_new = W_new.astype(np.float32, copy=False)
+        W_new, _ = apply_patches(W_new, step, sign, reader.path, name)
     row = {"name": name, "shape": list(st.shape), "adapters": [p.adapter for p in todo],
            "scale": [p.s for p in todo], "bytes": W.nbytes}
     if todo:
@@ -138,13 +146,8 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
             out = np.ascontiguousarray(out.T)  # (K, N): Conv1D's own layout, as dequantize writes it
         row.update(dtype=str(out.dtype), shape=list(out.shape), bytes=out.nbytes)
         return [(name, out, row)]
-    backend, double_quant = native.for_quant_type(st.quant_type), st.nested_codes is not None
-    offset = None
-    if double_quant and offset_mean == "torch":  # PEFT + bitsandbytes: absmax.mean() of a CPU float32 tensor
-        offset = torch_mean_float32(backend.quantize(W_new, st.blocksize, False, st.quant_type).absmax)
-    new = backend.quantize(W_new, st.blocksize, double_quant, st.quant_type, offset)
     # the layer keeps the dtype it had (PEFT's state says float32, the dtype of the sum it quantised: docs/nf4.md §6)
-    new = dataclasses.replace(new, dtype=st.dtype)
+    new = dataclasses.replace(_quantize(backend, W_new, st, offset_mean), dtype=st.dtype)
     realised = native.for_quant_type(st.quant_type).dequantize(new, np.float32).astype(np.float64) - W.astype(np.float64)
     norm = float(np.linalg.norm(delta))
     row.update(dtype=f"{st.quant_type} (re-quantised)",
@@ -154,6 +157,20 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
     parts = state_tensors(name, new, storage)
     row["bytes"] = sum(np.asarray(v).nbytes for _, v in parts)  # what is written, not the float size
     return [(k, v, row if k == name else None) for k, v in parts]
+
+
+def _plain(patches):
+    """True for LoRA patches without DoRA's magnitude (PEFT merges those into the float32 sum)."""
+    return all(p.module.magnitude is None for p in patches)
+
+
+def _quantize(backend, W, st, offset_mean):
+    """``W`` quantised like the layer's state ``st`` (blocksize, type, double quantisation); the offset as the
+    exact mean or as bitsandbytes' CPU ``torch.mean`` (``offset_mean="torch"``, what PEFT + bitsandbytes store)."""
+    double_quant, offset = st.nested_codes is not None, None
+    if double_quant and offset_mean == "torch":
+        offset = torch_mean_float32(backend.quantize(W, st.blocksize, False, st.quant_type).absmax)
+    return backend.quantize(W, st.blocksize, double_quant, st.quant_type, offset)
 
 
 def _codes_changed(a, b, n):

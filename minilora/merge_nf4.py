@@ -3,8 +3,9 @@
 ``W = dequant(W_q)`` (bit-exact with bitsandbytes), ``W' = round(W + s·B A)`` as in ``minilora.merge``.
 Without ``requantize`` the output is a plain float checkpoint (every 4-bit weight dequantised, the
 ``quantization_config`` dropped). With ``requantize`` the merged weights are quantised again with
-the same blocksize, type and double quantisation, and everything else is copied byte for byte; with
-several adapters after each one, in order, as PEFT's ``Linear4bit.merge`` does.
+the same blocksize, type and double quantisation, after each adapter in the order given (PEFT's
+``Linear4bit.merge``), the quant state recording the dtype quantised (float32 for a LoRA sum, as bitsandbytes
+records it); everything else is copied byte for byte.
 
 4-bit weights are ``(N, K)`` whatever the layer (bitsandbytes stores GPT-2's Conv1D weights transposed);
 a Conv1D weight dequantised into the float output goes back to Conv1D's ``(K, N)`` (``minilora.architectures``).
@@ -15,7 +16,6 @@ The report says how much of ΔW survived, per tensor: ``delta_rel_error = ‖(de
 / ‖ΔW‖`` and the share of codes that changed. QA-LoRA avoids this with a zero-point quantiser
 (docs/nf4.md); NF4 has no zero point.
 """
-import dataclasses
 import os
 import shutil
 
@@ -120,19 +120,12 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
     given = W
     if target is not None and not requantize and todo and W.dtype != target:
         W = W.astype(np.float32)  # merge in float32, convert once to --dtype (as merge.py does)
-    if requantize and _plain(todo) and W.dtype != np.float32:
+    exact_sum = requantize and todo and all(p.module.magnitude is None for p in todo)
+    if exact_sum and W.dtype != np.float32:
         # PEFT's Linear4bit.merge quantises dequant(W) + ΔW as the float32 sum, not rounded to the state's
         # dtype first (its DoRA path does round first: kept as apply_patches does it)
         W = W.astype(np.float32)
-    W_new = W
-    backend = native.for_quant_type(st.quant_type)
-    # --requantize with several adapters: PEFT's Linear4bit.merge quantises again after each one, in order
-    for i, step in enumerate([[p] for p in todo] if requantize else [todo]):
-        if i:  # the previous adapter's result as PEFT holds it: quantised, dequantised to the sum's dtype
-            W_new = backend.dequantize(_quantize(backend, W_new, st, offset_mean), W_new.dtype)
-        if requantize and _plain(step):
-            W_new = W_new.astype(np.float32, copy=False)
-        W_new, _ = apply_patches(W_new, step, sign, reader.path, name)
+    W_new, _ = apply_patches(W, todo, sign, reader.path, name)
     row = {"name": name, "shape": list(st.shape), "adapters": [p.adapter for p in todo],
            "scale": [p.s for p in todo], "bytes": W.nbytes}
     if todo:
@@ -146,8 +139,10 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
             out = np.ascontiguousarray(out.T)  # (K, N): Conv1D's own layout, as dequantize writes it
         row.update(dtype=str(out.dtype), shape=list(out.shape), bytes=out.nbytes)
         return [(name, out, row)]
-    # the layer keeps the dtype it had (PEFT's state says float32, the dtype of the sum it quantised: docs/nf4.md §6)
-    new = dataclasses.replace(_quantize(backend, W_new, st, offset_mean), dtype=st.dtype)
+    if len(todo) == 1:
+        new = _quantize_like(W_new, st, offset_mean)
+    else:  # PEFT quantises after each adapter; W_new (the float sum of all) is only the report's intended ΔW
+        new = _merge_one_at_a_time(given, todo, st, offset_mean, reader.path, name)
     realised = native.for_quant_type(st.quant_type).dequantize(new, np.float32).astype(np.float64) - W.astype(np.float64)
     norm = float(np.linalg.norm(delta))
     row.update(dtype=f"{st.quant_type} (re-quantised)",
@@ -159,15 +154,31 @@ def _one(ckpt, reader, name, quantized, state, patches, full, target, requantize
     return [(k, v, row if k == name else None) for k, v in parts]
 
 
-def _plain(patches):
-    """True for LoRA patches without DoRA's magnitude (PEFT merges those into the float32 sum)."""
-    return all(p.module.magnitude is None for p in patches)
+def _merge_one_at_a_time(W0, patches, st, offset_mean, path, name):
+    """PEFT's ``Linear4bit.merge`` of several adapters: per adapter, in the order given, dequantise, add its ΔW
+    and quantise again. ``W0``: the layer dequantised ``(N, K)``. A LoRA step adds ΔW to the float32 image
+    (PEFT's float32 sum); a DoRA step rounds to the dtype it was given and takes its norm over ``W0`` (PEFT
+    rebuilds that base by a 4-bit unmerge and merge, which minilora does not reproduce: docs/nf4.md §6)."""
+    backend, W, new = native.for_quant_type(st.quant_type), W0, None
+    for p in patches:
+        if new is not None:
+            W = backend.dequantize(new)  # (N, K), in the dtype the previous step recorded
+        if p.module.magnitude is None:
+            W = W.astype(np.float32)
+        try:
+            W = p.apply(W, +1, W_orig=W0)[0]
+        except ValueError as e:
+            raise InputError(str(e), path, name) from None
+        new = _quantize_like(W, st, offset_mean)
+    return new
 
 
-def _quantize(backend, W, st, offset_mean):
-    """``W`` quantised like the layer's state ``st`` (blocksize, type, double quantisation); the offset as the
-    exact mean or as bitsandbytes' CPU ``torch.mean`` (``offset_mean="torch"``, what PEFT + bitsandbytes store)."""
-    double_quant, offset = st.nested_codes is not None, None
+def _quantize_like(W, st, offset_mean):
+    """``W`` quantised with the blocksize, type and double quantisation of the state ``st``, recording ``W``'s
+    dtype as bitsandbytes' Params4bit does in PEFT's merge (float32 for a LoRA sum, the layer's dtype after
+    DoRA; a later merge dequantises to it). The offset is the exact mean, or bitsandbytes' ``torch.mean`` on
+    the CPU (``offset_mean="torch"``, what PEFT stores)."""
+    backend, double_quant, offset = native.for_quant_type(st.quant_type), st.nested_codes is not None, None
     if double_quant and offset_mean == "torch":
         offset = torch_mean_float32(backend.quantize(W, st.blocksize, False, st.quant_type).absmax)
     return backend.quantize(W, st.blocksize, double_quant, st.quant_type, offset)
